@@ -1,0 +1,43 @@
+# xent_jax: every target creates .venv and installs what it needs by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+RUNS ?= runs
+
+.PHONY: run test lint format bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the package metadata changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test,research]"
+	touch $(STAMP)
+
+## make run: the main job — research scripts on their default configs, report in runs/latest/.
+run: $(STAMP)
+	$(PY) -m research.run_all --runs_dir $(RUNS)
+
+## make test: the whole suite (doctests included), in parallel on the available cores.
+test: $(STAMP)
+	$(PY) -m pytest -n auto --dist loadfile -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check xent_jax research configs tests
+	$(PY) -m ruff format --check xent_jax research configs tests
+
+format: $(STAMP)
+	$(PY) -m ruff format xent_jax research configs tests
+	$(PY) -m ruff check --fix xent_jax research configs tests
+
+## make bench: the full benchmark; make bench-quick: the same harness, small (< 2 min on 2 CPU cores).
+bench: $(STAMP)
+	$(PY) -m research.benchmark --config configs/benchmark.py
+
+bench-quick: $(STAMP)
+	$(PY) -m research.benchmark --config configs/benchmark.py:quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

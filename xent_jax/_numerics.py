@@ -1,0 +1,27 @@
+"""Small numerically careful primitives: 0·log 0 = 0 and 0^γ with finite gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x * log(y)``, exactly 0 where ``x == 0`` (whatever ``y``), with finite gradients there.
+
+    ``jax.scipy.special.xlogy`` returns the right value at ``x = 0`` but its gradient with respect
+    to ``x`` is ``log(0) = -inf`` there, which turns into NaN downstream (for example through a
+    softmax with a masked logit). Here the gradient at ``x = 0`` is defined as 0.
+    """
+    zero = x == 0
+    # Double where: log never sees the y of a zero-weight term, so no inf reaches the gradient.
+    return jnp.where(zero, 0, x * jnp.log(jnp.where(zero, 1, y)))
+
+
+def safe_power(base: jax.Array, exponent: float) -> jax.Array:
+    """``base ** exponent`` for ``base >= 0``, with a finite (zero) gradient at ``base = 0``."""
+    if not isinstance(exponent, jax.core.Tracer) and float(exponent) == 0.0:
+        return jnp.ones_like(base)
+    positive = base > 0
+    # Double where: the power never sees 0, whose derivative is infinite for exponent < 1.
+    return jnp.where(positive, jnp.power(jnp.where(positive, base, 1), exponent), 0)

@@ -1,0 +1,144 @@
+"""Elementwise sigmoid (binary) cross-entropy and focal loss from logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from xent_jax import _validation as v
+from xent_jax._numerics import safe_power
+from xent_jax._reduction import reduce_loss
+
+
+def _prepare(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None):
+    logits = v.as_float_array("logits", logits)
+    labels = v.as_float_array("labels", labels)
+    v.check_broadcastable("labels", labels, logits.shape, "logits")
+    dtype = v.compute_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    y = jnp.broadcast_to(labels.astype(dtype), logits.shape)
+    mask = v.as_mask("where", where)
+    if mask is not None:
+        v.check_broadcastable("where", mask, logits.shape, "logits")
+        mask = jnp.broadcast_to(mask, logits.shape)
+        # Double where: masked elements compute on zeros, so NaNs there cannot reach gradients.
+        x = jnp.where(mask, x, 0)
+        y = jnp.where(mask, y, 0)
+    return x, y, mask
+
+
+def _weighted_softplus(weight: jax.Array, x: jax.Array) -> jax.Array:
+    """``weight * softplus(x)``, exactly 0 when ``weight`` is 0 even at ``x = +inf``."""
+    return jnp.where(weight == 0, 0, weight * jax.nn.softplus(x))
+
+
+def _binary_cross_entropy(x: jax.Array, y: jax.Array, pos_weight: jax.Array | None) -> jax.Array:
+    # -log sigmoid(x) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x): no log of a
+    # rounded probability, so logits of any size stay exact.
+    positive = y if pos_weight is None else pos_weight * y
+    return _weighted_softplus(positive, -x) + _weighted_softplus(1 - y, x)
+
+
+def _finish(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
+    if mask is None:
+        return reduce_loss(loss, reduction)
+    loss = jnp.where(mask, loss, 0)
+    return reduce_loss(loss, reduction, denominator_weights=mask)
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    where: ArrayLike | None = None,
+    reduction: v.Reduction = "none",
+) -> jax.Array:
+    r"""Elementwise binary cross-entropy from logits (optax's and PyTorch's
+    ``BCEWithLogitsLoss``).
+
+    .. math::
+        \ell = -\big[\, w_+\, y \log \sigma(x) + (1 - y) \log (1 - \sigma(x)) \,\big],
+        \qquad y \leftarrow (1 - \varepsilon)\, y + \varepsilon / 2
+
+    computed as :math:`w_+ y\,\mathrm{softplus}(-x) + (1-y)\,\mathrm{softplus}(x)`, which is
+    exact for logits of any magnitude (a term with zero weight is exactly 0, even at
+    :math:`x = \pm\infty`).
+
+    Args:
+      logits: ``[...]`` logits; float16 / bfloat16 are computed in float32.
+      labels: ``[...]`` targets in ``[0, 1]`` (broadcastable to ``logits``).
+      pos_weight: weight :math:`w_+` of the positive term, broadcastable to ``logits`` (PyTorch's
+        ``pos_weight``, one per class on the last axis).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`.
+      where: boolean mask broadcastable to ``logits``; masked elements give 0 and leave the mean.
+      reduction: ``"none"`` (shape of ``logits``), ``"sum"`` or ``"mean"`` over valid elements.
+
+    Returns:
+      The loss in float32 (float64 for float64 logits).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import xent_jax
+      >>> xent_jax.sigmoid_binary_cross_entropy(jnp.array([0.0, 2.0, -1e4]),
+      ...                                       jnp.array([1.0, 1.0, 0.0]))
+      Array([0.6931472, 0.126928 , 0.       ], dtype=float32)
+    """
+    x, y, mask = _prepare(logits, labels, where)
+    v.check_label_smoothing(label_smoothing)
+    if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing:
+        y = (1 - label_smoothing) * y + label_smoothing / 2
+    weight = None
+    if pos_weight is not None:
+        weight = v.as_float_array("pos_weight", pos_weight)
+        v.check_broadcastable("pos_weight", weight, x.shape, "logits")
+        weight = weight.astype(x.dtype)
+    return _finish(_binary_cross_entropy(x, y, weight), mask, reduction)
+
+
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | None = None,
+    gamma: float = 2.0,
+    where: ArrayLike | None = None,
+    reduction: v.Reduction = "none",
+) -> jax.Array:
+    r"""Elementwise sigmoid focal loss (Lin et al., 2017), as in optax.
+
+    .. math::
+        \ell = \alpha_t\, (1 - p_t)^\gamma\, \mathrm{BCE}(x, y), \qquad
+        p_t = y\,\sigma(x) + (1 - y)(1 - \sigma(x)), \qquad
+        \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+    :math:`1 - p_t = y\,\sigma(-x) + (1-y)\,\sigma(x)` is formed without subtracting a rounded
+    probability from 1, and the cross-entropy term is computed in log space.
+
+    Args:
+      logits: ``[...]`` logits.
+      labels: ``[...]`` targets in ``[0, 1]``.
+      alpha: weight of the positive class, or ``None`` for no weighting.
+      gamma: focusing parameter :math:`\gamma \ge 0` (0 gives the plain cross-entropy).
+      where: boolean mask broadcastable to ``logits``.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` over valid elements.
+
+    Returns:
+      The loss in float32 (float64 for float64 logits).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import xent_jax
+      >>> xent_jax.sigmoid_focal_loss(jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]))
+      Array([0.1732868 , 0.00180356], dtype=float32)
+    """
+    x, y, mask = _prepare(logits, labels, where)
+    v.check_nonnegative("gamma", gamma)
+    cross_entropy = _binary_cross_entropy(x, y, None)
+    one_minus_p_t = y * jax.nn.sigmoid(-x) + (1 - y) * jax.nn.sigmoid(x)
+    loss = safe_power(one_minus_p_t, gamma) * cross_entropy
+    if alpha is not None:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return _finish(loss, mask, reduction)
