@@ -80,13 +80,17 @@ def softmax_focal_loss(
     v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
     targets = jnp.moveaxis(targets.astype(z.dtype), prepared.axis, -1)
     lse, row_valid = masked_logsumexp(z)
-    log_probs = z - lse[..., None]
+    # Double where: a fully masked row computes on log p = 0, so its -inf never meets a weight
+    # that depends on the logits (0 * -inf = NaN in the gradient).
+    log_probs = jnp.where(row_valid[..., None], z - lse[..., None], 0)
     weights = targets * _focal_weights(log_probs, gamma)
     alpha = _alpha(alpha, z.shape[-1], z.dtype)
     if alpha is not None:
         weights = weights * alpha
-    # 0 * log 0 = 0: classes without target mass never contribute, even at a -inf logit.
-    loss = -jnp.sum(jnp.where(weights == 0, 0, weights * log_probs), axis=-1)
+    # Double where: weights depend on the logits too, so a -inf log p must not even reach the
+    # product (0 * -inf would be NaN in its gradient); classes without mass contribute 0.
+    log_probs = jnp.where(weights == 0, 0, log_probs)
+    loss = -jnp.sum(weights * log_probs, axis=-1)
     valid = combine_masks(prepared.example_mask, row_valid)
     loss = jnp.where(valid, loss, 0)
     return reduce_loss(loss, reduction, denominator_weights=valid)
@@ -133,7 +137,8 @@ def softmax_focal_loss_with_integer_labels(
     )
     lse, row_valid = masked_logsumexp(z)
     label_logits = jnp.take_along_axis(z, labels.safe[..., None], axis=-1)[..., 0]
-    log_p = label_logits - lse
+    # Double where: a fully masked row computes on log p = 0 (see softmax_focal_loss).
+    log_p = jnp.where(row_valid, label_logits - lse, 0)
     loss = -_focal_weights(log_p, gamma) * log_p
     alpha = _alpha(alpha, z.shape[-1], z.dtype)
     if alpha is not None:

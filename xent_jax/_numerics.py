@@ -22,6 +22,7 @@ def safe_power(base: jax.Array, exponent: float) -> jax.Array:
     """``base ** exponent`` for ``base >= 0``, with a finite (zero) gradient at ``base = 0``."""
     if not isinstance(exponent, jax.core.Tracer) and float(exponent) == 0.0:
         return jnp.ones_like(base)
-    positive = base > 0
+    zero = base == 0
     # Double where: the power never sees 0, whose derivative is infinite for exponent < 1.
-    return jnp.where(positive, jnp.power(jnp.where(positive, base, 1), exponent), 0)
+    # Only an exact 0 is special-cased, so a NaN base stays NaN (loud, never silently 0).
+    return jnp.where(zero, 0, jnp.power(jnp.where(zero, 1, base), exponent))
