@@ -1,0 +1,72 @@
+"""research.run_all (what `make run` calls) on the smoke configs: summary keys, report, and a
+second run that keeps the first."""
+
+import json
+import re
+
+import pytest
+
+from research import run_all
+
+pytestmark = pytest.mark.slow
+
+REGRESSION = {"objective", "sklearn_objective", "rel_gap", "test_accuracy", "sklearn_test_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    rc = run_all.main(["--runs_dir", str(runs_dir), "--smoke"])
+    first = (runs_dir / "latest").resolve()
+    rc2 = run_all.main(["--runs_dir", str(runs_dir), "--smoke", "--only", "seed_examples"])
+    second = (runs_dir / "latest").resolve()
+    return runs_dir, (rc, first), (rc2, second)
+
+
+def test_summary_has_the_issue_keys(runs):
+    _, (rc, first), _ = runs
+    assert rc == 0
+    summary = json.loads((first / "summary.json").read_text())
+    for solver in ("adam", "lbfgs", "newton"):
+        assert REGRESSION <= set(summary["logistic_regression"][solver])
+    assert REGRESSION <= set(summary["softmax_regression"]["iris"])  # smoke: iris only
+    for model in ("mlp", "cnn"):
+        assert summary["flax_classifier"][model]["test_accuracy"] >= 0.97
+    assert summary["gradcheck"]["max_rel_error_float64"] <= 1e-10
+    assert summary["gradcheck"]["max_rel_error_float32"] <= 2e-5
+    assert summary["seed_examples"]["all_match"] is True
+    assert summary["seed_examples"]["cases"] == 9
+    assert summary["all_bars_met"] is True
+    for solver in ("lbfgs", "newton"):
+        assert abs(summary["logistic_regression"][solver]["rel_gap"]) <= 1e-6
+
+
+def test_report_links_resolve(runs):
+    _, (_, first), _ = runs
+    report = (first / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert sum(link.endswith(".png") for link in links) >= 7
+    for link in links:
+        assert (first / link).exists(), link
+    for section in (
+        "Logistic regression",
+        "Softmax regression",
+        "Flax",
+        "Gradient check",
+        "Seed articles",
+    ):
+        assert section in report
+
+
+def test_second_run_keeps_the_first(runs):
+    runs_dir, (_, first), (rc2, second) = runs
+    assert rc2 == 0
+    assert second != first and second.parent == first.parent
+    assert json.loads((first / "summary.json").read_text())["flax_classifier"]
+    assert (first / "flax_classifier" / "curves.png").exists()
+    assert (runs_dir / "latest").is_symlink()
+    copy = (runs_dir / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", copy)
+    assert links and all(link.startswith(f"{second.name}/") for link in links)
+    assert all((runs_dir / link).exists() for link in links)
+    assert json.loads((runs_dir / "summary.json").read_text())["run"]["stamp"] == second.name
