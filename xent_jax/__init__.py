@@ -10,6 +10,10 @@ from xent_jax._focal import (
     softmax_focal_loss,
     softmax_focal_loss_with_integer_labels,
 )
+from xent_jax._fused import (
+    LinearCrossEntropyAux,
+    linear_softmax_cross_entropy_with_integer_labels,
+)
 from xent_jax._information import (
     binary_entropy,
     cross_entropy,
@@ -23,6 +27,7 @@ from xent_jax._probabilities import (
     categorical_cross_entropy,
     sparse_categorical_cross_entropy,
 )
+from xent_jax._sharded import vocab_parallel_softmax_cross_entropy_with_integer_labels
 from xent_jax._sigmoid import sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from xent_jax._softmax import (
     softmax_cross_entropy,
@@ -33,6 +38,7 @@ from xent_jax._validation import Reduction
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearCrossEntropyAux",
     "Reduction",
     "analytic",
     "binary_cross_entropy",
@@ -43,6 +49,7 @@ __all__ = [
     "entropy",
     "js_divergence",
     "kl_divergence",
+    "linear_softmax_cross_entropy_with_integer_labels",
     "poly_loss_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
@@ -52,4 +59,5 @@ __all__ = [
     "softmax_focal_loss_with_integer_labels",
     "sparse_categorical_cross_entropy",
     "validate_integer_labels",
+    "vocab_parallel_softmax_cross_entropy_with_integer_labels",
 ]
