@@ -1,0 +1,447 @@
+"""Edge cases of xent_jax: huge and -inf logits, fully masked rows and all-ignored batches,
+empty batches, NaN confined to its own example, and half-precision inputs computed in float32."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import xent_jax
+from tests.tolerances import tolerance
+
+B, K = 4, 5
+IGNORE = -100
+INF = np.inf
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def precision(dtype):
+    """x64 for float64 inputs, the default (x32) otherwise; never a global flip."""
+    return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
+
+
+def assert_close(actual, expected, dtype=np.float32):
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **tolerance(dtype)
+    )
+
+
+def losses_and_grads(fn, first, *rest, reductions, **kwargs):
+    """{reduction: (fn(first, *rest, reduction=..., **kwargs), gradient of its sum)}.
+
+    One compiled program for all (cheaper than eager evaluations of the softmax core).
+    """
+
+    @jax.jit
+    def compute(x):
+        results = {}
+        for reduction in reductions:
+            kw = {**kwargs, "reduction": reduction}
+            results[reduction] = (
+                fn(x, *rest, **kw),
+                jax.grad(lambda x, kw=kw: jnp.sum(fn(x, *rest, **kw)))(x),
+            )
+        return results
+
+    return {r: (np.asarray(v), np.asarray(g)) for r, (v, g) in compute(jnp.asarray(first)).items()}
+
+
+def loss_and_grad(fn, first, *rest, **kwargs):
+    """fn(first, *rest, **kwargs) and the gradient of its sum with respect to ``first``."""
+
+    @jax.jit
+    def both(x):
+        return fn(x, *rest, **kwargs), jax.grad(lambda x: jnp.sum(fn(x, *rest, **kwargs)))(x)
+
+    value, grad = both(jnp.asarray(first))
+    return np.asarray(value), np.asarray(grad)
+
+
+def one_hot(labels, num_classes=K):
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+# --------------------------------------------------------------------------------------------
+# ±1e4 logits.
+# --------------------------------------------------------------------------------------------
+
+HUGE = np.array([[1e4, -1e4, 0.0]] * 3)
+HUGE_LABELS = np.array([0, 1, 2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_logits_softmax_exact(dtype):
+    expected = np.array([0.0, 2e4, 1e4])
+    # p = (1, 0, 0) exactly: the gradient p - y is exact too.
+    expected_grad = np.array([[1.0, 0.0, 0.0]] * 3) - np.eye(3)
+    with precision(dtype):
+        z = HUGE.astype(dtype)
+        for fn, labels in [
+            (xent_jax.softmax_cross_entropy, one_hot(HUGE_LABELS, 3).astype(dtype)),
+            (xent_jax.softmax_cross_entropy_with_integer_labels, HUGE_LABELS),
+        ]:
+            value, grad = loss_and_grad(fn, z, labels)
+            assert value.dtype == dtype
+            np.testing.assert_array_equal(value, expected)
+            np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_logits_other_softmax_losses_exact(dtype):
+    with precision(dtype):
+        z = HUGE.astype(dtype)
+        focal = xent_jax.softmax_focal_loss_with_integer_labels(z, HUGE_LABELS, gamma=2.0)
+        focal_dense = xent_jax.softmax_focal_loss(z, one_hot(HUGE_LABELS, 3).astype(dtype))
+        poly = xent_jax.poly_loss_cross_entropy(
+            z, one_hot(HUGE_LABELS, 3).astype(dtype), epsilon=2.0
+        )
+    # (1 - p_y)^2 is 0 or 1 exactly; poly adds epsilon * (1 - p_y).
+    np.testing.assert_array_equal(np.asarray(focal), [0.0, 2e4, 1e4])
+    np.testing.assert_array_equal(np.asarray(focal_dense), [0.0, 2e4, 1e4])
+    np.testing.assert_array_equal(np.asarray(poly), [0.0, 2e4 + 2.0, 1e4 + 2.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_logits_sigmoid_exact(dtype):
+    x = np.array([1e4, -1e4, 1e4, -1e4], dtype)
+    y = np.array([1.0, 0.0, 0.0, 1.0], dtype)
+    with precision(dtype):
+        value, grad = loss_and_grad(xent_jax.sigmoid_binary_cross_entropy, x, y)
+        focal = xent_jax.sigmoid_focal_loss(jnp.asarray(x), y, gamma=2.0)
+    np.testing.assert_array_equal(value, [0.0, 0.0, 1e4, 1e4])
+    np.testing.assert_array_equal(grad, [0.0, 0.0, 1.0, -1.0])
+    np.testing.assert_array_equal(np.asarray(focal), [0.0, 0.0, 1e4, 1e4])
+
+
+# --------------------------------------------------------------------------------------------
+# -inf logits (a masked vocabulary).
+# --------------------------------------------------------------------------------------------
+
+NEG_INF_LOGITS = np.array([[1.0, 2.0, -INF, 0.5], [-INF, 0.3, -1.0, 2.0]], np.float32)
+NEG_INF_DENSE = np.array([[0.3, 0.7, 0.0, 0.0], [0.0, 0.5, 0.25, 0.25]], np.float32)
+NEG_INF_INT = np.array([1, 3])
+DENSE_LOSSES = ["softmax_cross_entropy", "softmax_focal_loss", "poly_loss_cross_entropy"]
+INT_LOSSES = ["softmax_cross_entropy_with_integer_labels", "softmax_focal_loss_with_integer_labels"]
+
+
+@pytest.mark.parametrize("name", DENSE_LOSSES + INT_LOSSES)
+def test_neg_inf_logit_without_label_mass_is_finite_and_ignored(name):
+    fn = getattr(xent_jax, name)
+    labels = NEG_INF_INT if name in INT_LOSSES else NEG_INF_DENSE
+    value, grad = loss_and_grad(fn, NEG_INF_LOGITS, labels)
+    assert np.all(np.isfinite(value))
+    assert np.all(np.isfinite(grad))
+    finite = np.isfinite(NEG_INF_LOGITS)
+    np.testing.assert_array_equal(grad[~finite], 0.0)
+    # Same value and gradient as with the -inf class removed from the row.
+    for row in range(2):
+        keep = finite[row]
+        sub_labels = labels[row : row + 1]
+        if name in INT_LOSSES:
+            sub_labels = sub_labels - np.sum(~keep[: sub_labels[0]])
+        else:
+            sub_labels = sub_labels[:, keep]
+        sub_value, sub_grad = loss_and_grad(fn, NEG_INF_LOGITS[row : row + 1, keep], sub_labels)
+        assert_close(value[row], sub_value[0])
+        assert_close(grad[row, keep], sub_grad[0])
+
+
+def test_neg_inf_logit_finite_where_optax_gives_nan():
+    ours = xent_jax.softmax_cross_entropy(NEG_INF_LOGITS, NEG_INF_DENSE)
+    theirs = optax.softmax_cross_entropy(NEG_INF_LOGITS, NEG_INF_DENSE)
+    assert np.all(np.isfinite(np.asarray(ours)))
+    assert np.all(np.isnan(np.asarray(theirs)))
+
+
+@pytest.mark.parametrize("name", DENSE_LOSSES[:1] + INT_LOSSES[:1])
+def test_label_on_neg_inf_logit_costs_inf(name):
+    fn = getattr(xent_jax, name)
+    if name in INT_LOSSES:
+        labels = np.array([2, 1])
+    else:
+        labels = np.array([[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
+    value = np.asarray(fn(NEG_INF_LOGITS, labels))
+    assert value[0] == INF
+    assert np.isfinite(value[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Fully masked rows, all-ignored and all-masked batches.
+# --------------------------------------------------------------------------------------------
+
+SOFTMAX_LOSSES = DENSE_LOSSES + INT_LOSSES
+
+
+def _softmax_inputs(name, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(B, K)).astype(np.float32)
+    labels = rng.integers(0, K, B)
+    return logits, (labels if name in INT_LOSSES else one_hot(labels))
+
+
+@pytest.mark.parametrize("how", ["all_neg_inf", "all_classes_masked"])
+@pytest.mark.parametrize("name", SOFTMAX_LOSSES)
+def test_fully_masked_row_is_zero_with_zero_gradient(name, how):
+    fn = getattr(xent_jax, name)
+    logits, labels = _softmax_inputs(name)
+    kwargs = {}
+    if how == "all_neg_inf":
+        logits[1] = -INF
+    else:
+        mask = np.ones((B, K), bool)
+        mask[1] = False
+        kwargs["where"] = mask
+    if name == "softmax_cross_entropy_with_integer_labels":
+        kwargs["class_weights"] = np.random.default_rng(1).uniform(0.5, 2, K).astype(np.float32)
+    results = losses_and_grads(fn, logits, labels, reductions=("none", "mean"), **kwargs)
+    (value, grad), (mean, mean_grad) = results["none"], results["mean"]
+    assert value[1] == 0.0
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grad[1], 0.0)
+    # Left out of the mean: same mean as the batch without that row.
+    rest = np.arange(B) != 1
+    rest_kwargs = {k: (v[rest] if k == "where" else v) for k, v in kwargs.items()}
+    rest_mean, rest_grad = loss_and_grad(
+        fn, logits[rest], labels[rest], **rest_kwargs, reduction="mean"
+    )
+    assert_close(mean, rest_mean)
+    np.testing.assert_array_equal(mean_grad[1], 0.0)
+    assert_close(mean_grad[rest], rest_grad)
+
+
+ALL_INTEGER = [*INT_LOSSES, "sparse_categorical_cross_entropy"]
+
+
+@pytest.mark.parametrize("name", ALL_INTEGER)
+def test_all_ignored_batch_is_zero_not_nan(name):
+    fn = getattr(xent_jax, name)
+    first = np.random.default_rng(2).uniform(0.1, 1, (B, K)).astype(np.float32)
+    labels = np.full(B, IGNORE)
+    results = losses_and_grads(fn, first, labels, reductions=REDUCTIONS, ignore_index=IGNORE)
+    for reduction, (value, grad) in results.items():
+        np.testing.assert_array_equal(value, 0.0, err_msg=reduction)
+        np.testing.assert_array_equal(grad, 0.0, err_msg=reduction)
+
+
+ALL_WITH_WHERE = [
+    *SOFTMAX_LOSSES,
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "sparse_categorical_cross_entropy",
+]
+
+
+SIMPLEX_FIRST = {"entropy", "cross_entropy", "kl_divergence", "js_divergence"}
+PROBABILITY_FIRST = {
+    "binary_entropy",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "sparse_categorical_cross_entropy",
+}
+ELEMENTWISE_LABELS = {"sigmoid_binary_cross_entropy", "sigmoid_focal_loss", "binary_cross_entropy"}
+
+
+def _simplex(rng, shape):
+    p = rng.uniform(0.05, 1.0, shape)
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _inputs(name, seed=0, batch=B):
+    """Valid positional arguments for any loss, with a batch of ``batch`` rows of K."""
+    rng = np.random.default_rng(seed)
+    if name in SIMPLEX_FIRST:
+        first = _simplex(rng, (batch, K))
+    elif name in PROBABILITY_FIRST:
+        first = rng.uniform(0.05, 0.95, (batch, K)).astype(np.float32)
+    else:
+        first = rng.normal(scale=2.0, size=(batch, K)).astype(np.float32)
+    if name in ("entropy", "binary_entropy"):
+        return (first,)
+    if name in ALL_INTEGER:
+        return first, rng.integers(0, K, batch).astype(np.int32)
+    if name in ELEMENTWISE_LABELS:
+        return first, rng.random((batch, K)).astype(np.float32)
+    return first, _simplex(rng, (batch, K))
+
+
+@pytest.mark.parametrize("name", ALL_WITH_WHERE)
+def test_all_masked_examples_mean_is_zero_not_nan(name):
+    fn = getattr(xent_jax, name)
+    first, second = _inputs(name)
+    where = np.zeros((B, K) if name in ELEMENTWISE_LABELS else (B,), bool)
+    results = losses_and_grads(fn, first, second, reductions=REDUCTIONS, where=where)
+    for reduction, (value, grad) in results.items():
+        np.testing.assert_array_equal(value, 0.0, err_msg=reduction)
+        np.testing.assert_array_equal(grad, 0.0, err_msg=reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Empty batches.
+# --------------------------------------------------------------------------------------------
+
+EVERY_LOSS = [
+    "entropy",
+    "cross_entropy",
+    "kl_divergence",
+    "js_divergence",
+    "binary_entropy",
+    *SOFTMAX_LOSSES,
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "sparse_categorical_cross_entropy",
+]
+ELEMENTWISE = {
+    "binary_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "binary_cross_entropy",
+}
+WITHOUT_REDUCTION = {"entropy", "cross_entropy", "kl_divergence", "js_divergence", "binary_entropy"}
+
+
+@pytest.mark.parametrize("name", EVERY_LOSS)
+def test_empty_batch(name):
+    fn = getattr(xent_jax, name)
+    args = _inputs(name, batch=0)
+    reductions = [None] if name in WITHOUT_REDUCTION else ["none", "sum", "mean"]
+    for reduction in reductions:
+        kwargs = {} if reduction is None else {"reduction": reduction}
+        value = fn(*args, **kwargs)
+        grad = jax.grad(lambda x, kw=kwargs: jnp.sum(fn(x, *args[1:], **kw)))(jnp.asarray(args[0]))
+        assert grad.shape == (0, K)
+        if reduction in (None, "none"):
+            assert value.shape == ((0, K) if name in ELEMENTWISE else (0,))
+        else:
+            assert value.shape == ()
+            assert float(value) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# NaN stays in its own example.
+# --------------------------------------------------------------------------------------------
+
+NAN_OPTIONS = {
+    "softmax_cross_entropy": {"label_smoothing": 0.1, "class_weights": np.linspace(0.5, 2, K)},
+    "softmax_cross_entropy_with_integer_labels": {
+        "label_smoothing": 0.1,
+        "class_weights": np.linspace(0.5, 2, K),
+        "z_loss": 1e-2,
+    },
+}
+
+
+@pytest.mark.parametrize("name", EVERY_LOSS)
+def test_nan_propagates_only_to_its_example(name):
+    fn = getattr(xent_jax, name)
+    args = _inputs(name, seed=3)
+    kwargs = NAN_OPTIONS.get(name, {})
+    first = args[0].copy()
+    elementwise = name in ELEMENTWISE
+    first[1, 2] = np.nan
+    poisoned = np.zeros(first.shape if elementwise else (B,), bool)
+    poisoned[(1, 2) if elementwise else 1] = True
+
+    value, grad = loss_and_grad(fn, first, *args[1:], **kwargs)
+    assert np.all(np.isnan(value[poisoned]))
+    assert not np.any(np.isnan(value[~poisoned]))
+    # Rows other than the poisoned one: identical to the batch without it.
+    rest = np.arange(B) != 1
+    clean_value, clean_grad = loss_and_grad(fn, first[rest], *(a[rest] for a in args[1:]), **kwargs)
+    assert_close(value[rest], clean_value)
+    assert_close(grad[rest], clean_grad)
+    if elementwise:
+        others = ~poisoned[1]
+        assert_close(value[1, others], fn(args[0], *args[1:], **kwargs)[1, others])
+
+
+@pytest.mark.parametrize("name", SOFTMAX_LOSSES)
+def test_nan_in_masked_example_is_zero_with_zero_gradient(name):
+    fn = getattr(xent_jax, name)
+    logits, labels = _softmax_inputs(name, seed=4)
+    logits[2] = np.nan
+    where = np.arange(B) != 2
+    value, grad = loss_and_grad(fn, logits, labels, where=where)
+    assert value[2] == 0.0
+    np.testing.assert_array_equal(grad[2], 0.0)
+    assert np.all(np.isfinite(value))
+    assert np.all(np.isfinite(grad))
+
+
+# --------------------------------------------------------------------------------------------
+# Half precision: computed in float32, returned in float32.
+# --------------------------------------------------------------------------------------------
+
+LOGITS_LOSSES = [*SOFTMAX_LOSSES, "sigmoid_binary_cross_entropy", "sigmoid_focal_loss"]
+LOSS_DTYPE = {
+    jnp.bfloat16: np.float32,
+    jnp.float16: np.float32,
+    jnp.float32: np.float32,
+    jnp.float64: np.float64,
+}
+
+
+@pytest.mark.parametrize("dtype", list(LOSS_DTYPE), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", LOGITS_LOSSES)
+def test_loss_dtype(name, dtype):
+    fn = getattr(xent_jax, name)
+    logits, labels = _inputs(name, seed=5)
+    with precision(dtype):
+        logits = jnp.asarray(logits, dtype)
+        if labels.dtype.kind == "f":
+            labels = jnp.asarray(labels, dtype)
+        for reduction in ["none", "mean"]:
+            assert fn(logits, labels, reduction=reduction).dtype == LOSS_DTYPE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", LOGITS_LOSSES)
+def test_half_inputs_match_float32_of_same_values(name, dtype):
+    fn = getattr(xent_jax, name)
+    logits, labels = _inputs(name, seed=6)
+    half_logits = jnp.asarray(logits, dtype)
+    half_labels = jnp.asarray(labels, dtype) if labels.dtype.kind == "f" else labels
+    up_labels = half_labels.astype(jnp.float32) if labels.dtype.kind == "f" else labels
+    got = fn(half_logits, half_labels)
+    expected = fn(half_logits.astype(jnp.float32), up_labels)
+    assert got.dtype == jnp.float32
+    assert_close(got, expected)
+
+
+def _lse64(z):
+    z = np.asarray(z, np.float64)
+    m = z.max(-1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def test_bfloat16_large_vocabulary_accurate_where_optax_is_not():
+    rng = np.random.default_rng(0)
+    vocab, batch = 50_000, 8
+    logits = jnp.asarray(rng.normal(size=(batch, vocab)), jnp.bfloat16)
+    labels = rng.integers(0, vocab, batch)
+    up = np.asarray(logits.astype(jnp.float32), np.float64)
+    reference = _lse64(up) - up[np.arange(batch), labels]
+    assert 10.0 < reference.mean() < 13.0  # loss ~ 11, as in the issue
+
+    ours = xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ours_dense = xent_jax.softmax_cross_entropy(
+        logits, jax.nn.one_hot(labels, vocab, dtype=jnp.bfloat16)
+    )
+    for got in (ours, ours_dense):
+        assert got.dtype == jnp.float32
+        assert np.max(np.abs(np.asarray(got, np.float64) - reference) / reference) < 1e-3
+        assert_close(got, reference)
+
+    theirs = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    assert theirs.dtype == jnp.bfloat16
+    theirs_error = np.abs(np.asarray(theirs, np.float64) - reference)
+    assert np.max(theirs_error) > 0.02
+    assert np.max(theirs_error / reference) > 1e-3
