@@ -31,6 +31,20 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
+from xent_jax._fused._api import _split_where, _static_float
+from xent_jax._fused._blocks import _Plan
+from xent_jax._fused._custom_vjp import _mapped, _partition_specs, _spec_entry
+from xent_jax._fused._local import _Call, _denominator_weights, _NonDiffInputs, _prepare_rows
+from xent_jax._fused._tile_math import (
+    _combine_stats,
+    _finish_rows,
+    _init_stats,
+    _Stats,
+    _tile_grad,
+    _tile_mask,
+    _transform_logits,
+    _update_stats,
+)
 from xent_jax._reduction import reduce_loss
 
 
@@ -155,8 +169,6 @@ def resolve_layout(
 
 
 def _logits_call(layout: Layout, batch_shape, num_classes: int, opts: dict, cmask_kind, cdtype):
-    from xent_jax import _fused as f
-
     mesh = layout.mesh
     local = []
     for dim, entry in zip(batch_shape, layout.batch_spec, strict=True):
@@ -174,7 +186,7 @@ def _logits_call(layout: Layout, batch_shape, num_classes: int, opts: dict, cmas
             f"{vsize}, which does not divide it."
         )
     n, v_local = math.prod(local), num_classes // vsize
-    plan = f._Plan(
+    plan = _Plan(
         eps=opts["label_smoothing"],
         z_loss=opts["z_loss"],
         softcap=opts["logit_softcap"],
@@ -197,7 +209,7 @@ def _logits_call(layout: Layout, batch_shape, num_classes: int, opts: dict, cmas
         vocab_axes=layout.vocab_axes or None,
         data_axes=layout.data_axes or None,
     )
-    return f._Call(
+    return _Call(
         plan=plan,
         reduction="none",
         mesh=mesh,
@@ -207,102 +219,93 @@ def _logits_call(layout: Layout, batch_shape, num_classes: int, opts: dict, cmas
     )
 
 
-def _local_logits(call, z, nd):
+def _local_logits(call, z, nondiff):
     """Shared by the forward and backward passes: stats of the local block of classes."""
-    from xent_jax import _fused as f
-
     plan = call.plan
-    inp = f._prepare_rows(call, nd, None)
-    u = z.reshape(plan.n, plan.v).astype(plan.cdtype)
-    mask = f._tile_mask(plan, inp, 0, 0)
-    zc, zm = f._transform_logits(plan, inp, u, 0, mask)
-    return plan, inp, zc, zm, mask
+    inputs = _prepare_rows(call, nondiff, None)
+    raw_logits = z.reshape(plan.n, plan.v).astype(plan.cdtype)
+    mask = _tile_mask(plan, inputs, 0, 0)
+    logits, masked_logits = _transform_logits(plan, inputs, raw_logits, 0, mask)
+    return plan, inputs, logits, masked_logits, mask
 
 
-def _local_logits_forward(call, z, nd):
-    from xent_jax import _fused as f
-
-    plan, inp, _, zm, _ = _local_logits(call, z, nd)
-    st = f._init_stats(plan)
-    rows = f._update_stats(
+def _local_logits_forward(call, z, nondiff):
+    plan, inputs, _, masked_logits, _ = _local_logits(call, z, nondiff)
+    stats = _init_stats(plan)
+    rows = _update_stats(
         plan,
-        tuple(a[0] for a in st),
-        zm,
-        inp.labels[0],
-        inp.cls[0],
-        None if inp.cw is None else inp.cw[0],
+        tuple(field[0] for field in stats),
+        masked_logits,
+        inputs.labels[0],
+        inputs.cls[0],
+        None if inputs.cw is None else inputs.cw[0],
     )
-    st = f._combine_stats(plan, f._Stats(*(a[None] for a in rows)))
-    rows = f._finish_rows(plan, inp, st)
+    stats = _combine_stats(plan, _Stats(*(field[None] for field in rows)))
+    rows = _finish_rows(plan, inputs, stats)
     ok = rows.grad_ok
     out = (
         rows.loss,
         rows.lse,
         rows.valid,
-        f._denominator_weights(plan, inp, rows.valid),
-        jnp.where(ok, rows.a, 0),
-        jnp.where(ok, rows.b, 0),
-        jnp.where(ok, rows.c, 0),
+        _denominator_weights(plan, inputs, rows.valid),
+        jnp.where(ok, rows.prob_coef, 0),
+        jnp.where(ok, rows.label_coef, 0),
+        jnp.where(ok, rows.smooth_coef, 0),
     )
     batch = z.shape[:-1]
     return tuple(o.reshape(batch) for o in out)
 
 
-def _local_logits_backward(call, z, nd, lse, a, b, c, g):
-    from xent_jax import _fused as f
-
-    plan, inp, zc, zm, mask = _local_logits(call, z, nd)
+def _local_logits_backward(call, z, nondiff, lse, prob_coef, label_coef, smooth_coef, cotangent):
+    plan, inputs, logits, masked_logits, mask = _local_logits(call, z, nondiff)
     flat = lambda r: r.reshape(plan.n).astype(plan.cdtype)
-    g = flat(g)
-    cw = None if inp.cw is None else inp.cw[0]
-    du = f._tile_grad(
+    g = flat(cotangent)
+    cw = None if inputs.cw is None else inputs.cw[0]
+    du = _tile_grad(
         plan,
-        zc,
-        zm,
+        logits,
+        masked_logits,
         mask,
         flat(lse),
-        g * flat(a),
-        g * flat(b),
-        g * flat(c),
-        inp.labels[0],
-        inp.cls[0],
+        g * flat(prob_coef),
+        g * flat(label_coef),
+        g * flat(smooth_coef),
+        inputs.labels[0],
+        inputs.cls[0],
         cw,
     )
     return du.reshape(z.shape).astype(z.dtype)
 
 
-def _logits_specs(call, nd):
-    from xent_jax import _fused as f
-
-    sp = f._specs(call, nd)
-    return P(*call.batch_spec, f._spec_entry(call.vocab_axes)), sp
+def _logits_specs(call, nondiff):
+    specs = _partition_specs(call, nondiff)
+    return P(*call.batch_spec, _spec_entry(call.vocab_axes)), specs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _logits_loss(call, z, nd):
-    return _logits_forward(call, z, nd)[:4]
+def _logits_loss(call, z, nondiff):
+    return _logits_forward(call, z, nondiff)[:4]
 
 
-def _logits_forward(call, z, nd):
-    from xent_jax import _fused as f
-
-    zspec, sp = _logits_specs(call, nd)
-    fn = f._mapped(call, _local_logits_forward, (zspec, sp["nd"]), (sp["rows"],) * 7)
-    return fn(z, nd)
-
-
-def _logits_loss_fwd(call, z, nd):
-    out = _logits_forward(call, z, nd)
-    return out[:4], (z, nd, *out[1:2], *out[4:])
+def _logits_forward(call, z, nondiff):
+    zspec, specs = _logits_specs(call, nondiff)
+    in_specs = (zspec, specs["nondiff"])
+    fn = _mapped(call, _local_logits_forward, in_specs, (specs["rows"],) * 7)
+    return fn(z, nondiff)
 
 
-def _logits_loss_bwd(call, res, cts):
-    from xent_jax import _fused as f
+def _logits_loss_fwd(call, z, nondiff):
+    out = _logits_forward(call, z, nondiff)
+    return out[:4], (z, nondiff, *out[1:2], *out[4:])
 
-    z, nd, lse, a, b, c = res
-    zspec, sp = _logits_specs(call, nd)
-    fn = f._mapped(call, _local_logits_backward, (zspec, sp["nd"]) + (sp["rows"],) * 5, zspec)
-    return fn(z, nd, lse, a, b, c, cts[0]), None
+
+def _logits_loss_bwd(call, residuals, cotangents):
+    z, nondiff, lse, prob_coef, label_coef, smooth_coef = residuals
+    zspec, specs = _logits_specs(call, nondiff)
+    in_specs = (zspec, specs["nondiff"]) + (specs["rows"],) * 5
+    fn = _mapped(call, _local_logits_backward, in_specs, zspec)
+    coefs = (lse, prob_coef, label_coef, smooth_coef)
+    return fn(z, nondiff, *coefs, cotangents[0]), None
 
 
 _logits_loss.defvjp(_logits_loss_fwd, _logits_loss_bwd)
@@ -374,18 +377,16 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
       >>> xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels)
       Array([0.44931, 0.28384], dtype=float32)
     """
-    from xent_jax import _fused as f
-
     z = v.as_float_array("logits", logits)
     if z.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis), got a scalar.")
     axis = v.normalize_axis(axis, z.ndim)
     v.check_reduction(reduction)
-    eps = f._static_float("label_smoothing", label_smoothing)
+    eps = _static_float("label_smoothing", label_smoothing)
     v.check_label_smoothing(eps)
-    zl = f._static_float("z_loss", z_loss)
+    zl = _static_float("z_loss", z_loss)
     v.check_nonnegative("z_loss", zl)
-    cap = None if logit_softcap is None else f._static_float("logit_softcap", logit_softcap)
+    cap = None if logit_softcap is None else _static_float("logit_softcap", logit_softcap)
     num_classes = z.shape[axis]
     batch_shape = z.shape[:axis] + z.shape[axis + 1 :]
     labels = v.as_integer_labels(labels)
@@ -402,7 +403,7 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
     z = jnp.moveaxis(z, axis, -1)
     class_mask, example_mask, cmask_kind = (None, None, None)
     if mask is not None:
-        class_mask, example_mask, cmask_kind = f._split_where(mask, batch_shape, num_classes)
+        class_mask, example_mask, cmask_kind = _split_where(mask, batch_shape, num_classes)
     cdtype = np.dtype(v.compute_dtype(z.dtype))
     if math.prod(batch_shape) == 0:
         return reduce_loss(jnp.zeros(batch_shape, cdtype), reduction)
@@ -422,8 +423,8 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
         "ignore_index": None if ignore_index is None else int(ignore_index),
     }
     call = _logits_call(layout, batch_shape, num_classes, opts, cmask_kind, cdtype)
-    nd = f._NonDiff(labels, example_mask, weights, class_mask)
-    loss, _, _, denw = _logits_loss(call, z, nd)
+    nondiff = _NonDiffInputs(labels, example_mask, weights, class_mask)
+    loss, _, _, denw = _logits_loss(call, z, nondiff)
     return reduce_loss(loss, reduction, denominator_weights=denw)
 
 

@@ -1,0 +1,303 @@
+"""The public fused loss: argument checks, the block plan of a call, and the choice between
+the strip and the tiles schedule (see the package docstring)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from xent_jax import _validation as v
+from xent_jax._fused._blocks import _default_blocks, _Plan, _split
+from xent_jax._fused._custom_vjp import _reduced_loss, _rows_loss
+from xent_jax._fused._local import _Call, _NonDiffInputs, _safe_divide
+from xent_jax._reduction import reduce_loss
+
+
+class LinearCrossEntropyAux(NamedTuple):
+    """Extra per-token outputs of the fused loss, computed in the same pass as the loss.
+
+    Attributes:
+      logsumexp: ``[...]`` float32 log-normaliser of each token's (soft-capped, masked) logits;
+        0 where every class is masked.
+      argmax: ``[...]`` int32 index of each token's largest logit (first one on ties).
+      accuracy: scalar float32, the fraction of valid tokens (not masked by ``where``, not
+        ``ignore_index``) whose argmax equals the label; 0 when there are none.
+    """
+
+    logsumexp: jax.Array
+    argmax: jax.Array
+    accuracy: jax.Array
+
+
+def _static_float(name: str, value) -> float:
+    """``value`` as a Python float; a traced value is refused (it picks code paths)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python number for the fused loss (it selects code paths at "
+            "trace time), got a traced value."
+        )
+    return float(value)
+
+
+def _check_block(name: str, value: int | None) -> None:
+    """Refuses a block size that is neither ``None`` nor a positive integer."""
+    if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def _split_where(where, batch_shape: tuple[int, ...], num_classes: int):
+    """(class mask as [1, V] or batch + [V], example mask of the batch shape, mask kind)."""
+    mask = v.as_mask("where", where)
+    if mask is None:
+        return None, None, None
+    logits_shape = (*batch_shape, num_classes)
+    if mask.ndim == len(logits_shape):
+        v.check_broadcastable("where", mask, logits_shape, "logits (x @ w)")
+        if all(s == 1 for s in mask.shape[:-1]):
+            shared = jnp.broadcast_to(mask.reshape(1, -1), (1, num_classes))
+            return shared, None, "shared"
+        return jnp.broadcast_to(mask, logits_shape), None, "rows"
+    v.check_broadcastable("where", mask, batch_shape, "the batch (x without its last axis)")
+    return None, jnp.broadcast_to(mask, batch_shape), None
+
+
+def linear_softmax_cross_entropy_with_integer_labels(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    reduction: v.Reduction = "none",
+    return_aux: bool = False,
+    block_size_tokens: int | None = None,
+    block_size_vocab: int | None = None,
+    mesh: Any = None,
+    vocab_axis: str | tuple[str, ...] | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array | tuple[jax.Array, LinearCrossEntropyAux]:
+    r"""Softmax cross-entropy of the logits ``x @ w + bias``, without materialising them.
+
+    Gives the same numbers (and gradients for ``x``, ``w`` and ``bias``) as
+    ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, ...)`` with the same
+    options, while holding only one ``[block_size_tokens, block_size_vocab]`` block of logits at
+    a time:
+
+    .. math::
+        z = \operatorname{softcap}(x W + b), \qquad
+        \ell = (1 - \varepsilon)\, w_y \big(\operatorname{lse}(z) - z_y\big)
+               + \frac{\varepsilon}{K} \sum_c w_c \big(\operatorname{lse}(z) - z_c\big)
+               + \lambda_z \operatorname{lse}(z)^2
+
+    with :math:`\operatorname{lse}(z) = \log \sum_c e^{z_c}` accumulated online over vocabulary
+    tiles. The backward pass recomputes each block of logits from ``x`` and ``w`` (a custom
+    VJP); with ``reduction="sum"`` / ``"mean"`` and the whole vocabulary in one tile (the
+    default up to 65536 classes) the gradients are formed in the same pass as the loss, so the
+    cost is that of the materialised loss, ``6 N D V`` FLOPs, instead of ``8 N D V``.
+
+    Arrays sharded with a ``NamedSharding`` work under plain ``jax.jit``: ``w`` split along
+    ``V`` (vocab-parallel) and/or ``x`` / ``labels`` split along tokens (data-parallel) give the
+    single-device values and gradients, and no device ever holds more than its own block of
+    logits (see :mod:`xent_jax._sharded`).
+
+    Args:
+      x: ``[..., D]`` inputs (hidden states), any float dtype; bfloat16 / float16 are multiplied
+        with float32 accumulation and the loss is computed in float32.
+      w: ``[D, V]`` output projection.
+      labels: ``[...]`` integer labels (the shape of ``x`` without its last axis).
+      bias: optional ``[V]`` bias; ``-inf`` entries mask classes.
+      where: boolean mask. With the rank of the logits (``[..., V]``, e.g. ``mask[None, :]``
+        for all tokens) it masks classes; with a lower rank it broadcasts to the batch shape
+        and masks tokens (loss 0, gradient 0, left out of the mean). A class mask that differs
+        per token costs ``N x V`` booleans.
+      ignore_index: label value of tokens to ignore (e.g. ``-100``).
+      label_smoothing: :math:`\varepsilon \in [0, 1)`, spread over the available classes.
+      class_weights: ``[V]`` weight per class (treated as a constant: no gradient).
+      z_loss: coefficient :math:`\lambda_z` of the squared log-normaliser.
+      logit_softcap: if set to :math:`s`, logits become :math:`s \tanh(z / s)` first.
+      reduction: ``"none"`` (per token, shape ``[...]``), ``"sum"``, or ``"mean"`` (divided by
+        the summed :math:`w_y` of the valid tokens; 0.0 when there are none).
+      return_aux: also return a :class:`LinearCrossEntropyAux` (per-token logsumexp and
+        argmax, and the accuracy), computed in the same pass; aux outputs carry no gradient.
+      block_size_tokens: at most this many tokens per block (default: as many as keep a block
+        at 4M logits, up to 8192).
+      block_size_vocab: at most this many classes per tile (default: the whole vocabulary up to
+        65536 classes with ``reduction`` ``"sum"`` / ``"mean"``, else a 4M-logit block).
+      mesh: optional mesh to ``shard_map`` over, with ``vocab_axis`` (the mesh axes ``w``'s
+        classes are split over) and ``batch_axis`` (the mesh axes the first batch dimension is
+        split over). Not needed when the arrays carry explicit shardings.
+      vocab_axis: see ``mesh``.
+      batch_axis: see ``mesh``.
+
+    Returns:
+      The loss (float32; float64 for float64 inputs), or ``(loss, aux)`` with ``return_aux``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import xent_jax
+      >>> x = jnp.array([[1.0, 0.5], [0.0, -1.0], [2.0, 1.0]])
+      >>> w = jnp.array([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+      >>> labels = jnp.array([0, 1, 2])
+      >>> xent_jax.linear_softmax_cross_entropy_with_integer_labels(x, w, labels)
+      Array([0.6335, 2.555 , 4.981 ], dtype=float32)
+      >>> xent_jax.softmax_cross_entropy_with_integer_labels(x @ w, labels)
+      Array([0.6335, 2.555 , 4.981 ], dtype=float32)
+      >>> loss, aux = xent_jax.linear_softmax_cross_entropy_with_integer_labels(
+      ...     x, w, labels, reduction="mean", return_aux=True, block_size_tokens=2)
+      >>> loss, aux.argmax, aux.accuracy
+      (Array(2.7231, dtype=float32), Array([0, 2, 0], dtype=int32), Array(0.33333, dtype=float32))
+      >>> jax.grad(xent_jax.linear_softmax_cross_entropy_with_integer_labels, argnums=1)(
+      ...     x, w, labels, reduction="mean").shape
+      (2, 3)
+    """
+    from xent_jax import _sharded
+
+    x = v.as_float_array("x", x)
+    w = v.as_float_array("w", w)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least one dimension (features), got shape {x.shape}.")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"w must have shape [D, V] with D = x.shape[-1] = {x.shape[-1]}, got w.shape="
+            f"{w.shape} (x.shape={x.shape})."
+        )
+    v.check_reduction(reduction)
+    eps = _static_float("label_smoothing", label_smoothing)
+    v.check_label_smoothing(eps)
+    zl = _static_float("z_loss", z_loss)
+    v.check_nonnegative("z_loss", zl)
+    cap = None if logit_softcap is None else _static_float("logit_softcap", logit_softcap)
+    if cap is not None:
+        v.check_nonnegative("logit_softcap", cap)
+    _check_block("block_size_tokens", block_size_tokens)
+    _check_block("block_size_vocab", block_size_vocab)
+    batch_shape, num_classes = x.shape[:-1], w.shape[1]
+    labels = v.as_integer_labels(labels)
+    if labels.shape != batch_shape:
+        raise ValueError(
+            "labels must have the shape of x without its last axis: expected "
+            f"{batch_shape}, got labels.shape={labels.shape} (x.shape={x.shape})."
+        )
+    if bias is not None:
+        bias = v.as_float_array("bias", bias)
+        if bias.shape != (num_classes,):
+            raise ValueError(f"bias must have shape ({num_classes},), got {bias.shape}.")
+    weights = v.check_class_weights(class_weights, num_classes)
+    class_mask, example_mask, cmask_kind = _split_where(where, batch_shape, num_classes)
+    cdtype = v.compute_dtype(x.dtype, w.dtype)
+
+    n_total = math.prod(batch_shape)
+    if n_total == 0 or num_classes == 0:
+        return _empty_result(batch_shape, reduction, cdtype, return_aux, labels)
+
+    layout = _sharded.resolve_layout(
+        x, w, 1, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis
+    )
+    _, n_local, v_local = _local_sizes(layout, batch_shape, num_classes)
+    # Block sizes are global: on a mesh each device holds its share of a block.
+    bn_max, bv_max = _default_blocks(n_total, num_classes, reduction)
+    bn_max = max(1, (block_size_tokens or bn_max) * n_local // n_total)
+    bv_max = max(1, (block_size_vocab or bv_max) * v_local // num_classes)
+    factor = layout.auto_factor if layout.mesh is None else 1
+    pn, kn, bc = _split(n_local, bn_max, factor)
+    pv, kv, tc = _split(v_local, bv_max, factor)
+    padded_classes = kv * tc != v_local // pv
+    if cmask_kind is None and padded_classes:
+        cmask_kind = "shared"
+    plan = _Plan(
+        eps=eps,
+        z_loss=zl,
+        softcap=cap,
+        has_bias=bias is not None,
+        has_cw=weights is not None,
+        cmask=cmask_kind,
+        has_example_mask=example_mask is not None,
+        ignore_index=None if ignore_index is None else int(ignore_index),
+        aux=bool(return_aux),
+        cdtype=np.dtype(cdtype),
+        n=n_local,
+        pn=pn,
+        kn=kn,
+        bc=bc,
+        v=v_local,
+        pv=pv,
+        kv=kv,
+        tc=tc,
+        v_global=num_classes,
+        vocab_axes=layout.vocab_axes or None,
+        data_axes=layout.data_axes or None,
+    )
+    call = _Call(
+        plan=plan,
+        reduction=reduction,
+        mesh=layout.mesh,
+        batch_spec=layout.batch_spec,
+        data_axes=layout.data_axes,
+        vocab_axes=layout.vocab_axes,
+    )
+    nondiff = _NonDiffInputs(labels, example_mask, weights, class_mask)
+    if reduction != "none" and kv == 1:
+        loss, lse, arg, valid = _reduced_loss(call, x, w, bias, nondiff)
+    else:
+        loss, lse, arg, valid, denw = _rows_loss(call, x, w, bias, nondiff)
+        loss = reduce_loss(loss, reduction, denominator_weights=denw)
+    if not return_aux:
+        return loss
+    return loss, _make_aux(lse, arg, valid, labels, cdtype)
+
+
+def _make_aux(lse, arg, valid, labels, cdtype) -> LinearCrossEntropyAux:
+    """The aux outputs (no gradient) from the per-token logsumexp, argmax and validity."""
+    lse, arg, valid = (lax.stop_gradient(t) for t in (lse, arg, valid))
+    correct = jnp.sum((arg == labels) & valid, dtype=cdtype)
+    count = jnp.sum(valid, dtype=cdtype)
+    accuracy = _safe_divide(correct, count)
+    return LinearCrossEntropyAux(lse.astype(cdtype), arg.astype(jnp.int32), accuracy)
+
+
+def _empty_result(batch_shape, reduction, cdtype, return_aux, labels):
+    """The result of a call with no tokens or no classes: zeros of the right shapes."""
+    loss = jnp.zeros(batch_shape, cdtype)
+    if reduction != "none":
+        loss = jnp.zeros((), cdtype)
+    if not return_aux:
+        return loss
+    aux = LinearCrossEntropyAux(
+        jnp.zeros(batch_shape, cdtype), jnp.zeros(batch_shape, jnp.int32), jnp.zeros((), cdtype)
+    )
+    return loss, aux
+
+
+def _local_sizes(layout, batch_shape: tuple[int, ...], num_classes: int):
+    """(local batch shape, local tokens, local classes) of one device under ``layout``."""
+    from xent_jax._sharded import axes_of, axes_size
+
+    if layout.mesh is None:
+        return batch_shape, math.prod(batch_shape), num_classes
+    local = []
+    for dim, entry in zip(batch_shape, layout.batch_spec, strict=True):
+        size = axes_size(layout.mesh, axes_of(entry))
+        if dim % size:
+            raise ValueError(
+                f"a batch dimension of size {dim} is split over mesh axes {axes_of(entry)} of "
+                f"size {size}, which does not divide it."
+            )
+        local.append(dim // size)
+    vsize = axes_size(layout.mesh, layout.vocab_axes)
+    if num_classes % vsize:
+        raise ValueError(
+            f"V={num_classes} classes are split over mesh axes {layout.vocab_axes} of size "
+            f"{vsize}, which does not divide it."
+        )
+    return tuple(local), math.prod(local), num_classes // vsize

@@ -1,0 +1,193 @@
+"""``shard_map`` wrapping and the custom VJPs of the fused loss.
+
+Two custom VJPs share the per-device entry points of :mod:`xent_jax._fused._local`:
+
+* ``_rows_loss`` (tiles schedule): the forward pass returns the per-token loss and saves the
+  per-token logsumexp and VJP coefficients; the backward pass recomputes every tile.
+* ``_reduced_loss`` (strip schedule, ``"sum"`` / ``"mean"``): the forward pass of the VJP
+  computes the loss and its gradients in one pass; the backward pass only scales them by the
+  cotangent. Without differentiation only the loss is computed.
+
+On a mesh each runs inside :func:`jax.shard_map`; without one it is a plain call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from xent_jax._fused._local import (
+    _Call,
+    _local_backward,
+    _local_forward,
+    _local_reduced_fwd,
+    _local_reduced_primal,
+    _NonDiffInputs,
+)
+
+
+def _spec_entry(axes: tuple[str, ...]):
+    """Mesh axes as one ``PartitionSpec`` entry (``None``, a name, or a tuple of names)."""
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _partition_specs(call: _Call, nondiff: _NonDiffInputs) -> dict:
+    """``PartitionSpec`` of every kind of argument and result of the local entry points."""
+    from jax.sharding import PartitionSpec as P
+
+    vocab = _spec_entry(call.vocab_axes)
+    batch = tuple(call.batch_spec)
+    if nondiff.class_mask is None:
+        class_mask_spec = None
+    elif call.plan.cmask == "shared":
+        class_mask_spec = P(None, vocab)
+    else:
+        class_mask_spec = P(*batch, vocab)
+    nondiff_specs = _NonDiffInputs(
+        labels=P(*batch),
+        example_mask=None if nondiff.example_mask is None else P(*batch),
+        class_weights=None if nondiff.class_weights is None else P(vocab),
+        class_mask=class_mask_spec,
+    )
+    return {
+        "x": P(*batch, None),
+        "w": P(None, vocab),
+        "bias": P(vocab),
+        "rows": P(*batch),
+        "scalar": P(),
+        "nondiff": nondiff_specs,
+    }
+
+
+def _bias_spec(specs: dict, bias):
+    """The bias's spec, or ``None`` when there is no bias."""
+    return None if bias is None else specs["bias"]
+
+
+def _operand_specs(specs: dict, bias) -> tuple:
+    """in_specs of ``(x, w, bias, nondiff)``, the leading arguments of every entry point."""
+    return (specs["x"], specs["w"], _bias_spec(specs, bias), specs["nondiff"])
+
+
+def _grad_specs(specs: dict, bias) -> tuple:
+    """out_specs of the gradients ``(dx, dw, db)``."""
+    return (specs["x"], specs["w"], _bias_spec(specs, bias))
+
+
+def _reduced_specs(specs: dict) -> tuple:
+    """out_specs of ``(loss, lse, argmax, valid)`` of the reduced loss."""
+    return (specs["scalar"], specs["rows"], specs["rows"], specs["rows"])
+
+
+def _mapped(call: _Call, local_fn, in_specs, out_specs):
+    """``local_fn(call, ...)`` run on every device of ``call.mesh`` (a plain call without one)."""
+    if call.mesh is None:
+        return functools.partial(local_fn, call)
+    mapped = jax.shard_map(
+        functools.partial(local_fn, call),
+        mesh=call.mesh,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        check_vma=False,
+    )
+    explicit = jax.sharding.AxisType.Explicit
+    if explicit not in tuple(getattr(call.mesh, "axis_types", ())):
+        return mapped  # automatic axes: shard_map reshards its inputs itself
+
+    def run(*args):
+        # Explicit axes: inputs must already carry the shardings shard_map expects.
+        args = jax.tree.map(
+            lambda array, spec: _reshard(call.mesh, array, spec),
+            args,
+            tuple(in_specs),
+            is_leaf=lambda t: t is None,
+        )
+        return mapped(*args)
+
+    return run
+
+
+def _reshard(mesh, array, spec):
+    """``array`` with the sharding ``spec`` on ``mesh`` (unchanged if it already has it)."""
+    from jax.sharding import NamedSharding
+
+    if array is None:
+        return None
+    array = jnp.asarray(array)
+    current = getattr(jax.typeof(array).sharding, "spec", None)
+    padded = lambda s: tuple(s) + (None,) * (array.ndim - len(s))
+    if current is not None and padded(current) == padded(spec):
+        return array
+    return jax.reshard(array, NamedSharding(mesh, spec))
+
+
+def _forward_rows(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """The 8 per-token outputs of :func:`_local_forward`, over the mesh."""
+    specs = _partition_specs(call, nondiff)
+    fn = _mapped(call, _local_forward, _operand_specs(specs, bias), (specs["rows"],) * 8)
+    return fn(x, w, bias, nondiff)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rows_loss(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Per-token (loss, lse, argmax, valid, denominator weights); tiles schedule."""
+    return _forward_rows(call, x, w, bias, nondiff)[:5]
+
+
+def _rows_loss_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Forward pass of :func:`_rows_loss`: saves the logsumexp and the VJP coefficients."""
+    out = _forward_rows(call, x, w, bias, nondiff)
+    loss, lse, arg, valid, denw, prob_coef, label_coef, smooth_coef = out
+    residuals = (x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef)
+    return (loss, lse, arg, valid, denw), residuals
+
+
+def _rows_loss_bwd(call: _Call, residuals, cotangents):
+    """Backward pass of :func:`_rows_loss`: recomputes every tile (only the loss has a
+    cotangent that matters; the other outputs carry no gradient)."""
+    x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef = residuals
+    specs = _partition_specs(call, nondiff)
+    fn = _mapped(
+        call,
+        _local_backward,
+        _operand_specs(specs, bias) + (specs["rows"],) * 5,
+        _grad_specs(specs, bias),
+    )
+    coefs = (lse, prob_coef, label_coef, smooth_coef)
+    dx, dw, db = fn(x, w, bias, nondiff, *coefs, cotangents[0])
+    return dx, dw, db, None
+
+
+_rows_loss.defvjp(_rows_loss_fwd, _rows_loss_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _reduced_loss(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """(reduced loss, lse, argmax, valid); strip schedule, loss only when not differentiated."""
+    specs = _partition_specs(call, nondiff)
+    fn = _mapped(call, _local_reduced_primal, _operand_specs(specs, bias), _reduced_specs(specs))
+    return fn(x, w, bias, nondiff)
+
+
+def _reduced_loss_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Forward pass of :func:`_reduced_loss`: the loss and its gradients in one pass."""
+    specs = _partition_specs(call, nondiff)
+    out_specs = (_reduced_specs(specs), _grad_specs(specs, bias))
+    fn = _mapped(call, _local_reduced_fwd, _operand_specs(specs, bias), out_specs)
+    out, grads = fn(x, w, bias, nondiff)
+    return out, grads
+
+
+def _reduced_loss_bwd(call: _Call, grads, cotangents):
+    """Backward pass of :func:`_reduced_loss`: the saved gradients times the cotangent."""
+    g = cotangents[0]
+    dx, dw, db = grads
+    scale = lambda t: None if t is None else (g * t).astype(t.dtype)
+    return scale(dx), scale(dw), scale(db), None
+
+
+_reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)

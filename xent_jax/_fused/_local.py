@@ -1,0 +1,244 @@
+"""Per-device entry points: what runs on one device's share of the tokens and classes (inside
+``shard_map`` on a mesh). Each one lays its arrays out in blocks and tiles, runs a pass from
+:mod:`xent_jax._fused._passes`, and combines the results over the mesh axes it is split over."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xent_jax._fused._blocks import (
+    _bias_unview,
+    _blocks_to_rows,
+    _cols_to_tiles,
+    _Plan,
+    _rows_to_blocks,
+    _w_unview,
+    _w_view,
+    _x_unview,
+    _x_view,
+)
+from xent_jax._fused._passes import _grad_pass, _stats_pass, _strip_pass
+from xent_jax._fused._tile_math import _BlockedInputs, _finish_rows, _grad_coefficients
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """Static description of one call: the local plan plus how it is laid out on a mesh."""
+
+    plan: _Plan
+    reduction: str
+    mesh: Any = None  # shard_map over this mesh when not None
+    batch_spec: tuple = ()  # PartitionSpec entries of the batch dims
+    data_axes: tuple[str, ...] = ()
+    vocab_axes: tuple[str, ...] = ()
+
+
+class _NonDiffInputs(NamedTuple):
+    """The inputs that get no gradient (one argument of the custom VJPs)."""
+
+    labels: jax.Array  # batch shape, integer
+    example_mask: jax.Array | None  # batch shape, bool
+    class_weights: jax.Array | None  # [V]
+    class_mask: jax.Array | None  # [1, V] or batch shape + [V]
+
+
+def _vocab_offset(call: _Call, v_local: int):
+    """Global index of this device's first class (0 unless the classes are split)."""
+    if not call.vocab_axes:
+        return 0
+    return lax.axis_index(call.vocab_axes) * v_local
+
+
+def _prepare(call: _Call, x, w, bias, nondiff: _NonDiffInputs) -> _BlockedInputs:
+    """All local inputs in block / tile layout."""
+    plan = call.plan
+    inputs = _prepare_rows(call, nondiff, bias)
+    x4 = _x_view(plan, x.reshape(plan.n, x.shape[-1]))
+    return inputs._replace(x4=x4, w4=_w_view(plan, w))
+
+
+def _prepare_rows(call: _Call, nondiff: _NonDiffInputs, bias) -> _BlockedInputs:
+    """Everything but ``x`` and ``w`` in block / tile layout (``x4`` and ``w4`` are ``None``)."""
+    plan = call.plan
+    n = plan.n
+    offset = _vocab_offset(call, plan.v)
+    labels = nondiff.labels.reshape(n).astype(jnp.int32)
+    example_mask = nondiff.example_mask
+    keep = jnp.ones((n,), jnp.bool_) if example_mask is None else example_mask.reshape(n)
+    invalid = (labels < 0) | (labels >= plan.v_global)
+    if plan.ignore_index is not None:
+        kept = labels != plan.ignore_index
+        keep = keep & kept
+        invalid = invalid & kept
+    safe = jnp.clip(labels, 0, plan.v_global - 1)
+    wy = None
+    if nondiff.class_weights is not None:
+        cw = nondiff.class_weights
+        local = safe - offset
+        owned = (local >= 0) & (local < plan.v)
+        wy = jnp.where(owned, cw.astype(plan.cdtype)[jnp.clip(local, 0, plan.v - 1)], 0)
+        if call.vocab_axes:
+            wy = lax.psum(wy, call.vocab_axes)
+    cls = jnp.arange(plan.v, dtype=jnp.int32) + offset
+    cmask = None
+    if nondiff.class_mask is not None:
+        if plan.cmask == "rows":
+            blocked = _rows_to_blocks(plan, nondiff.class_mask.reshape(n, plan.v), False)
+            cmask = jnp.swapaxes(_cols_to_tiles(plan, blocked, False), 0, 1)
+        else:
+            cmask = _cols_to_tiles(plan, nondiff.class_mask.reshape(1, plan.v), False)
+    elif plan.cmask == "shared":  # padding only
+        cmask = _cols_to_tiles(plan, jnp.ones((1, plan.v), jnp.bool_), False)
+    class_weights = nondiff.class_weights
+    return _BlockedInputs(
+        x4=None,
+        w4=None,
+        labels=_rows_to_blocks(plan, safe, 0),
+        keep=_rows_to_blocks(plan, keep, False),
+        invalid=_rows_to_blocks(plan, invalid, False),
+        wy=None if wy is None else _rows_to_blocks(plan, wy, 0),
+        cls=_cols_to_tiles(plan, cls, -1),
+        bias=None if bias is None else _cols_to_tiles(plan, bias, 0),
+        cw=None if class_weights is None else _cols_to_tiles(plan, class_weights, 0),
+        cmask=cmask,
+    )
+
+
+def _denominator_weights(plan: _Plan, inputs: _BlockedInputs, valid: jax.Array) -> jax.Array:
+    """Weight of each token in the mean's denominator: its label's class weight, or 1."""
+    if inputs.wy is None:
+        return valid.astype(plan.cdtype)
+    return jnp.where(valid, inputs.wy, 0)
+
+
+def _local_forward(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Stats pass: per-token loss, lse, argmax, validity, mean weights and VJP coefficients."""
+    plan = call.plan
+    batch = x.shape[:-1]
+    inputs = _prepare(call, x, w, bias, nondiff)
+    stats = _stats_pass(plan, inputs)
+    rows = _finish_rows(plan, inputs, stats)
+    denw = _denominator_weights(plan, inputs, rows.valid)
+    out = (rows.loss, rows.lse, stats.arg, rows.valid, denw, *_grad_coefficients(rows))
+    return tuple(_blocks_to_rows(plan, o).reshape(batch) for o in out)
+
+
+def _local_backward(
+    call: _Call,
+    x,
+    w,
+    bias,
+    nondiff: _NonDiffInputs,
+    lse,
+    prob_coef,
+    label_coef,
+    smooth_coef,
+    cotangent,
+):
+    """Recomputes every tile once and returns the gradients of ``sum(cotangent * loss)``."""
+    plan = call.plan
+    inputs = _prepare(call, x, w, bias, nondiff)
+    n = plan.n
+    to_blocks = lambda r: _rows_to_blocks(plan, r.reshape(n).astype(plan.cdtype), 0)
+    g = to_blocks(cotangent)
+    dx4, dw4, db3 = _grad_pass(
+        plan,
+        inputs,
+        to_blocks(lse),
+        g * to_blocks(prob_coef),
+        g * to_blocks(label_coef),
+        g * to_blocks(smooth_coef),
+        True,
+        True,
+    )
+    return _finish_grads(call, x, w, bias, dx4, dw4, db3)
+
+
+def _finish_grads(call: _Call, x, w, bias, dx4, dw4, db3):
+    """Gradients back in the layout and dtype of ``x``, ``w`` and ``bias``, summed over the
+    mesh axes that hold other parts of them."""
+    plan = call.plan
+    dx = _x_unview(plan, dx4).reshape(x.shape)
+    dw = _w_unview(plan, dw4)
+    db = None if db3 is None else _bias_unview(plan, db3)
+    if call.vocab_axes:
+        dx = lax.psum(dx, call.vocab_axes)
+    if call.data_axes:
+        dw = lax.psum(dw, call.data_axes)
+        db = None if db is None else lax.psum(db, call.data_axes)
+    return (
+        dx.astype(x.dtype),
+        dw.astype(w.dtype),
+        None if db is None else db.astype(bias.dtype),
+    )
+
+
+def _rows_with_a_class(call: _Call, bias, nondiff: _NonDiffInputs, n: int):
+    """Whether each row has an available class, known before any logit (finite x and w)."""
+    plan = call.plan
+    avail = None if bias is None else bias != -jnp.inf
+    if nondiff.class_mask is not None:
+        class_mask = nondiff.class_mask.reshape(-1, plan.v)
+        if avail is not None:
+            class_mask = class_mask & avail[None, :]
+        count = jnp.sum(class_mask, axis=-1, dtype=jnp.int32)
+    elif avail is not None:
+        count = jnp.sum(avail, dtype=jnp.int32)[None]
+    else:
+        return jnp.ones((n,), jnp.bool_) if plan.v_global else jnp.zeros((n,), jnp.bool_)
+    if call.vocab_axes:
+        count = lax.psum(count, call.vocab_axes)
+    return jnp.broadcast_to(count > 0, (n,))
+
+
+def _local_reduced_primal(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Loss value only (no gradients): the stats pass, then the reduction."""
+    loss, lse, arg, valid, denw, *_ = _local_forward(call, x, w, bias, nondiff)
+    total, den = jnp.sum(loss), jnp.sum(denw)
+    if call.data_axes:
+        total, den = lax.psum((total, den), call.data_axes)
+    return _reduce_total(call, total, den), lse, arg, valid
+
+
+def _safe_divide(numerator, den):
+    """``numerator / den``, or 0 where ``den`` is not positive."""
+    # The inner where keeps 0 / 0 (and its NaN gradient) out when no token counts.
+    return jnp.where(den > 0, numerator / jnp.where(den > 0, den, 1), 0)
+
+
+def _reduce_total(call: _Call, total, den):
+    """The reduced loss from the summed loss and the summed denominator weights."""
+    if call.reduction == "sum":
+        return total
+    return _safe_divide(total, den)
+
+
+def _local_reduced_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+    """Strip schedule: the loss and its gradients in one pass over the token blocks."""
+    plan = call.plan
+    n = plan.n
+    batch = x.shape[:-1]
+    inputs = _prepare(call, x, w, bias, nondiff)
+    scale = jnp.ones((), plan.cdtype)
+    if call.reduction == "mean":
+        # The mean's denominator is known before any logit, so the gradients can be scaled by
+        # it inside the one pass.
+        has_class = _rows_with_a_class(call, bias, nondiff, n)
+        valid_pre = _rows_to_blocks(plan, has_class, False) & inputs.keep
+        den_pre = jnp.sum(_denominator_weights(plan, inputs, valid_pre))
+        if call.data_axes:
+            den_pre = lax.psum(den_pre, call.data_axes)
+        scale = _safe_divide(1, den_pre)
+    row_scale = jnp.broadcast_to(scale, (plan.kn, plan.bn))
+    (loss, lse, valid, arg), (dx4, dw4, db3) = _strip_pass(plan, inputs, row_scale, True, True)
+    total, den = jnp.sum(loss), jnp.sum(_denominator_weights(plan, inputs, valid))
+    if call.data_axes:
+        total, den = lax.psum((total, den), call.data_axes)
+    rows = tuple(_blocks_to_rows(plan, o).reshape(batch) for o in (lse, arg, valid))
+    grads = _finish_grads(call, x, w, bias, dx4, dw4, db3)
+    return (_reduce_total(call, total, den), *rows), grads

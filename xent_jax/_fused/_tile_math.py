@@ -1,0 +1,235 @@
+"""Per-tile arithmetic: logits of one ``[tokens, classes]`` tile, the online logsumexp
+statistics it updates, the per-token loss and VJP coefficients derived from the final
+statistics, and the gradient of the tile's logits.
+
+Every function here sees one tile (or the final per-token statistics); the loops over blocks
+and tiles are in :mod:`xent_jax._fused._passes`. :mod:`xent_jax._sharded` reuses these functions
+on logits that are already materialised (one tile per device).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xent_jax._fused._blocks import _index, _Plan
+
+
+class _BlockedInputs(NamedTuple):
+    """Local arrays in block/tile layout (``None`` where an option is off)."""
+
+    x4: jax.Array  # [pn, kn, bc, D]
+    w4: jax.Array  # [D, pv, kv, tc]
+    labels: jax.Array  # [kn, bn] int32, clipped into [0, V_global)
+    keep: jax.Array  # [kn, bn] bool: not masked by where, not ignored, in the padding
+    invalid: jax.Array  # [kn, bn] bool: label out of range (and not ignored/masked)
+    wy: jax.Array | None  # [kn, bn] class weight of the label
+    cls: jax.Array  # [kv, bv] int32 global class of each tile column (-1 in the padding)
+    bias: jax.Array | None  # [kv, bv]
+    cw: jax.Array | None  # [kv, bv]
+    cmask: jax.Array | None  # shared: [kv, 1, bv]; rows: [kn, kv, bn, bv]; padding: [kv, 1, bv]
+
+
+class _Stats(NamedTuple):
+    """Running per-token statistics (each ``[kn, bn]``; unused fields are dummies)."""
+
+    m: jax.Array  # running max of the available logits
+    s: jax.Array  # sum of exp(z - shift(m))
+    zy: jax.Array  # label logit
+    k: jax.Array  # number of available classes (smoothing only)
+    sw: jax.Array  # sum of class weights of available classes (smoothing only)
+    swz: jax.Array  # sum of w_c (z_c - shift(m)) over available classes (smoothing only)
+    best: jax.Array  # max logit (argmax only)
+    arg: jax.Array  # global class of the max logit (argmax only)
+
+
+class _Rows(NamedTuple):
+    """Per-token results derived from the final statistics (``[kn, bn]`` each)."""
+
+    loss: jax.Array
+    lse: jax.Array
+    valid: jax.Array  # counts in the loss (and the mean's denominator)
+    grad_ok: jax.Array  # receives a gradient (valid and the label is in range)
+    prob_coef: jax.Array  # coefficient of p_c in dL/dz_c (per unit cotangent)
+    label_coef: jax.Array  # coefficient of the label one-hot
+    smooth_coef: jax.Array  # coefficient of w_c (smoothing)
+
+
+def _shift(m: jax.Array) -> jax.Array:
+    """The value logits are shifted by before ``exp``: the running max, or 0 where it is -inf."""
+    # A row with no available class keeps z - shift = -inf (exp 0) instead of -inf - -inf = NaN.
+    return jnp.where(m == -jnp.inf, 0, m)
+
+
+def _tile_mask(plan: _Plan, inputs: _BlockedInputs, i, j) -> jax.Array | None:
+    """Boolean ``[bn or 1, bv]`` of classes that exist and are not masked; ``None``: all."""
+    if inputs.cmask is None:
+        return None
+    if plan.cmask == "rows":
+        block = _index(inputs.cmask, i, plan.kn == 1)
+        return _index(block, j, plan.kv == 1)
+    return _index(inputs.cmask, j, plan.kv == 1)
+
+
+def _tile_logits(plan: _Plan, inputs: _BlockedInputs, x_i: jax.Array, w_j: jax.Array, j, mask):
+    """Returns (capped logits, masked capped logits) of one ``[bn, bv]`` tile."""
+    # Accumulate in the compute dtype: bfloat16 / float16 products would lose the small terms.
+    raw_logits = jnp.dot(x_i, w_j, preferred_element_type=plan.cdtype)
+    return _transform_logits(plan, inputs, raw_logits, j, mask)
+
+
+def _transform_logits(plan: _Plan, inputs: _BlockedInputs, raw_logits: jax.Array, j, mask):
+    """Bias, soft cap and mask applied to raw logits: (capped, masked capped)."""
+    logits = raw_logits
+    if inputs.bias is not None:
+        logits = logits + _index(inputs.bias, j, plan.kv == 1).astype(plan.cdtype)[None, :]
+    if plan.softcap is not None:
+        cap = plan.softcap
+        # A class masked by a -inf bias stays -inf (tanh would turn it into an available -cap).
+        logits = jnp.where(logits == -jnp.inf, logits, cap * jnp.tanh(logits / cap))
+    masked = logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+    return logits, masked
+
+
+def _init_stats(plan: _Plan) -> _Stats:
+    """Statistics before any tile: max and best logit -inf, sums and counts 0."""
+    shape = (plan.kn, plan.bn)
+    zeros = functools.partial(jnp.zeros, shape, plan.cdtype)
+    return _Stats(
+        m=jnp.full(shape, -jnp.inf, plan.cdtype),
+        s=zeros(),
+        zy=zeros(),
+        k=zeros(),
+        sw=zeros(),
+        swz=zeros(),
+        best=jnp.full(shape, -jnp.inf, plan.cdtype),
+        arg=jnp.zeros(shape, jnp.int32),
+    )
+
+
+def _update_stats(
+    plan: _Plan, stats: tuple, masked_logits: jax.Array, labels, tile_classes, tile_class_weights
+) -> tuple:
+    """Folds one tile into the running statistics of its rows (tuples of ``[bn]``)."""
+    m, s, zy, k, sw, swz, best, arg = stats
+    m_new = jnp.maximum(m, jnp.max(masked_logits, axis=-1))
+    shift = _shift(m_new)
+    shifted = masked_logits - shift[:, None]
+    # Online logsumexp: rescale the old sum to the new max, so no exp ever exceeds 1.
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(shifted), axis=-1)
+    is_label = tile_classes[None, :] == labels[:, None]
+    zy = zy + jnp.sum(jnp.where(is_label, masked_logits, 0), axis=-1)
+    if plan.eps:
+        avail = masked_logits != -jnp.inf
+        k = k + jnp.sum(avail, axis=-1, dtype=plan.cdtype)
+        # Re-reference the running sum of w_c (z_c - shift) to the new shift (skipped while the
+        # old max is -inf: sw is 0 there and 0 * -inf would be NaN).
+        swz = swz + jnp.where(m == -jnp.inf, 0, sw * (m - shift))
+        if tile_class_weights is None:
+            sw = sw + jnp.sum(avail, axis=-1, dtype=plan.cdtype)
+            swz = swz + jnp.sum(jnp.where(avail, shifted, 0), axis=-1)
+        else:
+            weights = tile_class_weights[None, :]
+            sw = sw + jnp.sum(jnp.where(avail, weights, 0), axis=-1)
+            swz = swz + jnp.sum(jnp.where(avail, weights * shifted, 0), axis=-1)
+    if plan.aux:
+        tile_best = jnp.max(masked_logits, axis=-1)
+        tile_arg = tile_classes[jnp.argmax(masked_logits, axis=-1)]
+        better = tile_best > best
+        best = jnp.where(better, tile_best, best)
+        arg = jnp.where(better, tile_arg, arg)
+    return m_new, s, zy, k, sw, swz, best, arg
+
+
+def _combine_stats(plan: _Plan, stats: _Stats) -> _Stats:
+    """Combines the statistics of the vocabulary shards (pmax / psum over ``vocab_axes``)."""
+    axes = plan.vocab_axes
+    if not axes:
+        return stats
+    m_global = lax.pmax(stats.m, axes)
+    shift_global = _shift(m_global)
+    # Rescale each shard's sum to the global max before adding (no exp exceeds 1).
+    s = stats.s * jnp.exp(stats.m - shift_global)
+    zy = stats.zy
+    k, sw, swz = stats.k, stats.sw, stats.swz
+    if plan.eps:
+        # Re-reference to the global shift; a shard whose max is -inf has sw = 0 (no NaN).
+        swz = swz + jnp.where(stats.m == -jnp.inf, 0, sw * (_shift(stats.m) - shift_global))
+    s, zy, k, sw, swz = lax.psum((s, zy, k, sw, swz), axes)
+    best, arg = stats.best, stats.arg
+    if plan.aux:
+        best_global = lax.pmax(best, axes)
+        # The smallest class among the shards that hold the max: the first one on ties.
+        arg = lax.pmin(jnp.where(best == best_global, arg, jnp.iinfo(jnp.int32).max), axes)
+        best = best_global
+    return _Stats(m_global, s, zy, k, sw, swz, best, arg)
+
+
+def _finish_rows(plan: _Plan, inputs: _BlockedInputs, stats: _Stats) -> _Rows:
+    """Per-token loss, logsumexp, validity and VJP coefficients from the final statistics."""
+    row_ok = stats.m != -jnp.inf
+    # log(1) on rows without an available class keeps log(0) and its NaN gradient out.
+    lse = jnp.where(row_ok, _shift(stats.m) + jnp.log(jnp.where(row_ok, stats.s, 1)), 0)
+    one_minus = 1.0 - plan.eps
+    wy = inputs.wy if inputs.wy is not None else 1.0
+    nll = lse - stats.zy
+    if inputs.wy is not None:
+        nll = nll * inputs.wy
+    loss = nll
+    prob_coef = jnp.ones_like(lse) * wy * one_minus
+    label_coef = prob_coef
+    smooth_coef = jnp.zeros_like(lse)
+    if plan.eps:
+        # At least 1 available class in the denominator: rows with none would divide by 0.
+        k = jnp.maximum(stats.k, 1)
+        smooth = (stats.sw * (lse - _shift(stats.m)) - stats.swz) / k
+        loss = one_minus * nll + plan.eps * smooth
+        smooth_coef = plan.eps / k
+        prob_coef = prob_coef + smooth_coef * stats.sw
+    if plan.z_loss:
+        loss = loss + plan.z_loss * jnp.square(lse)
+        prob_coef = prob_coef + 2.0 * plan.z_loss * lse
+    valid = inputs.keep & row_ok
+    loss = jnp.where(inputs.invalid, jnp.nan, loss)
+    loss = jnp.where(valid, loss, 0)
+    grad_ok = valid & ~inputs.invalid
+    return _Rows(loss, lse, valid, grad_ok, prob_coef, label_coef, smooth_coef)
+
+
+def _grad_coefficients(rows: _Rows) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The three VJP coefficients of ``rows``, zero for tokens that receive no gradient."""
+    coefs = (rows.prob_coef, rows.label_coef, rows.smooth_coef)
+    return tuple(jnp.where(rows.grad_ok, coef, 0) for coef in coefs)
+
+
+def _tile_grad(
+    plan: _Plan,
+    logits,
+    masked_logits,
+    mask,
+    lse,
+    prob_coef,
+    label_coef,
+    smooth_coef,
+    labels,
+    tile_classes,
+    tile_class_weights,
+) -> jax.Array:
+    """dL/du of one tile for per-row coefficients (cotangent already folded into them)."""
+    p = jnp.exp(masked_logits - lse[:, None])
+    is_label = tile_classes[None, :] == labels[:, None]
+    du = prob_coef[:, None] * p - jnp.where(is_label, label_coef[:, None], 0)
+    if plan.eps:
+        wc = 1.0 if tile_class_weights is None else tile_class_weights[None, :]
+        du = du - jnp.where(masked_logits != -jnp.inf, smooth_coef[:, None] * wc, 0)
+    elif mask is not None:
+        du = jnp.where(mask, du, 0)
+    if plan.softcap is not None:
+        du = du * (1.0 - jnp.square(logits / plan.softcap))
+    # Rows without a gradient stay exactly 0, even where their logits are NaN or inf.
+    live = (prob_coef != 0) | (label_coef != 0) | (smooth_coef != 0)
+    return jnp.where(live[:, None], du, 0)
