@@ -26,3 +26,12 @@ def safe_power(base: jax.Array, exponent: float) -> jax.Array:
     # Double where: the power never sees 0, whose derivative is infinite for exponent < 1.
     # Only an exact 0 is special-cased, so a NaN base stays NaN (loud, never silently 0).
     return jnp.where(zero, 0, jnp.power(jnp.where(zero, 1, base), exponent))
+
+
+def fast_or_careful(ok, fast, careful):
+    """``fast()`` if ``ok`` else ``careful()``: ``lax.cond`` under a trace, a Python branch when
+    ``ok`` is concrete (an eager call would otherwise recompile the cond's fresh closures every
+    time, ~0.1 s per call)."""
+    if isinstance(ok, jax.core.Tracer):
+        return jax.lax.cond(ok, fast, careful)
+    return fast() if bool(ok) else careful()

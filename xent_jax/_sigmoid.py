@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
-from xent_jax._numerics import safe_power
+from xent_jax._numerics import fast_or_careful, safe_power
 from xent_jax._reduction import reduce_loss
 
 
@@ -38,6 +39,65 @@ def _binary_cross_entropy(x: jax.Array, y: jax.Array, pos_weight: jax.Array | No
     # rounded probability, so logits of any size stay exact.
     positive = y if pos_weight is None else pos_weight * y
     return _weighted_softplus(positive, -x) + _weighted_softplus(1 - y, x)
+
+
+def _positive_negative(y: jax.Array, pos_weight: jax.Array | None):
+    """Weights of the ``softplus(-x)`` and ``softplus(x)`` terms."""
+    return (y if pos_weight is None else pos_weight * y), 1 - y
+
+
+@jax.custom_jvp
+def _binary_cross_entropy_sum(x: jax.Array, y: jax.Array, pos_weight) -> jax.Array:
+    """``sum(_binary_cross_entropy(x, y, pos_weight))`` in one fused pass when it is finite.
+
+    ``softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|))`` has no ``where``, so XLA:CPU fuses it into
+    the reduction instead of writing the per-element losses out first. A non-finite sum (an
+    infinite logit, say) is recomputed with the exact per-element formula (zero weight, zero
+    term) under ``lax.cond``.
+    """
+    positive, negative = _positive_negative(y, pos_weight)
+    shared = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    fast = positive * (jnp.maximum(-x, 0) + shared) + negative * (jnp.maximum(x, 0) + shared)
+    total = jnp.sum(fast)
+    return fast_or_careful(
+        jnp.isfinite(total), lambda: total, lambda: _careful_sum(x, y, pos_weight)
+    )
+
+
+def _careful_sum(x, y, pos_weight):
+    # A two-operand reduction (the second sum is unused): XLA:CPU keeps the ``where`` of the exact
+    # formula inside its loop instead of writing the per-element losses out first.
+    terms = _binary_cross_entropy(x, y, pos_weight)
+    axes = tuple(range(x.ndim))
+    zero = jnp.zeros((), x.dtype)
+    add = lambda a, b: (a[0] + b[0], a[1] + b[1])
+    return jax.lax.reduce((terms, x), (zero, zero), add, axes)[0]
+
+
+def _binary_cross_entropy_sum_jvp(primals, tangents):
+    x, y, pos_weight = primals
+    dx, dy, d_pos_weight = tangents
+    total = _binary_cross_entropy_sum(x, y, pos_weight)
+    positive, negative = _positive_negative(y, pos_weight)
+    tangent = jnp.zeros_like(total)
+    if not isinstance(dx, SymbolicZero):
+        # d/dx of w softplus(-x) + v softplus(x); a term with zero weight contributes nothing.
+        grad_x = jnp.where(positive == 0, 0, -positive * jax.nn.sigmoid(-x)) + jnp.where(
+            negative == 0, 0, negative * jax.nn.sigmoid(x)
+        )
+        tangent = jnp.sum(grad_x * dx)
+    if not (isinstance(dy, SymbolicZero) and isinstance(d_pos_weight, SymbolicZero)):
+        pos_term = jnp.where(positive == 0, 0, jax.nn.softplus(-x))
+        neg_term = jnp.where(negative == 0, 0, jax.nn.softplus(x))
+        if not isinstance(dy, SymbolicZero):
+            scale = 1 if pos_weight is None else pos_weight
+            tangent = tangent + jnp.sum((scale * pos_term - neg_term) * dy)
+        if pos_weight is not None and not isinstance(d_pos_weight, SymbolicZero):
+            tangent = tangent + jnp.sum(y * pos_term * d_pos_weight)
+    return total, tangent
+
+
+_binary_cross_entropy_sum.defjvp(_binary_cross_entropy_sum_jvp, symbolic_zeros=True)
 
 
 def _finish(loss: jax.Array, mask: jax.Array | None, reduction: str) -> jax.Array:
@@ -95,6 +155,13 @@ def sigmoid_binary_cross_entropy(
         weight = v.as_float_array("pos_weight", pos_weight)
         v.check_broadcastable("pos_weight", weight, x.shape, "logits")
         weight = weight.astype(x.dtype)
+    v.check_reduction(reduction)
+    if mask is None and reduction != "none":
+        # Sum and mean without a mask: one fused pass (see _binary_cross_entropy_sum).
+        total = _binary_cross_entropy_sum(x, y, weight)
+        if reduction == "sum":
+            return total
+        return total / x.size if x.size else jnp.zeros((), x.dtype)
     return _finish(_binary_cross_entropy(x, y, weight), mask, reduction)
 
 

@@ -1,22 +1,427 @@
-"""Softmax cross-entropy from logits, with dense (soft) labels and with integer labels."""
+"""Softmax cross-entropy from logits, with dense (soft) labels and with integer labels.
+
+How the work is laid out (it decides the speed; measured in ``research/benchmark.py``, figures in
+``BENCHMARKS.md``):
+
+* **One reduction pass over the logits** in the common case. The log-normaliser is computed
+  around a *hint*, the label logit (integer labels) or the target-weighted mean logit (dense
+  labels), instead of the row maximum. ``sum_c exp(z_c - hint)`` is then at least about 1 (the
+  hint's own class contributes ``exp(0)``), so nothing underflows, and it overflows only when the
+  loss of that example exceeds about 80 nats. With the label logit as the hint the loss is
+  ``log(sum_c exp(z_c - z_y))`` itself, with no cancellation. If any row of the batch is out of
+  range, or holds ``-inf``, ``+inf`` or NaN, the whole batch is recomputed the careful way (max
+  shift, availability masks) under ``lax.cond``; values agree to rounding either way.
+* **One elementwise pass for the gradient.** The per-row statistics come from ``jax.custom_jvp``
+  functions whose tangent is ``sum(g * dz)`` with ``g`` built from ``exp(z - lse)`` recomputed
+  from the logits. Transposed by ``jax.grad`` that is a single fused pass that writes ``ct * g``
+  once: no one-hot array, no scatter, no saved softmax, and the cast back to a half-precision
+  input dtype happens in the same pass. The rules are plain ``jax.numpy`` that call the functions
+  they define, so they differentiate again: ``jax.hessian`` gives ``diag(p) - p p^T`` exactly and
+  forward mode works.
+* **No ``where`` feeds a reduction on the fast path**: XLA:CPU materialises a select in front of
+  a reduction as a full temporary array. Options add per-row work only (ignore_index, z-loss,
+  class weights), except label smoothing, which adds one sum over the logits.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
+from xent_jax import _sharded
 from xent_jax import _validation as v
 from xent_jax._labels import prepare_integer_labels
-from xent_jax._logits import (
-    available_classes,
-    combine_masks,
-    masked_logsumexp,
-    prepare_logits,
-    smooth_targets,
-    smoothing_is_on,
-)
+from xent_jax._logits import combine_masks, prepare_logits, smoothing_is_on
+from xent_jax._numerics import fast_or_careful
 from xent_jax._reduction import reduce_loss
+
+# A row whose shifted sum of exponentials falls below this (or is not finite) sends the batch to
+# the careful path: the mass of underflowed terms is then negligible against the sum.
+_MIN_SUM = 1e-20
+# Tags of the aliases of a half-precision input, one per pass (see _upcast_alias).
+_GATHER, _SMOOTHING, _GRADIENT, _CAREFUL_LSE, _CAREFUL_SUMS = 1, 2, 3, 4, 5
+
+
+class _Options(NamedTuple):
+    """Scalar loss options as arrays (so they may be traced), ``None`` when off."""
+
+    label_smoothing: jax.Array | None
+    z_loss: jax.Array | None
+
+
+class _Rows(NamedTuple):
+    """Per-row results along the class axis (the last one), before masks and the reduction.
+
+    Attributes:
+      loss: the per-example loss with every option applied.
+      lse: the log-normaliser; ``-inf`` for a row whose logits are all ``-inf``.
+      nll: ``sum_c t_c (lse - z_c)`` (integer labels: ``lse - z_y``), without label weights.
+      smooth: ``sum_c w_c (lse - z_c)`` over the available classes (0 without smoothing).
+      smooth_weight: ``sum_c w_c`` over the available classes (1 without smoothing).
+      num_available: the number of available classes (1 without smoothing).
+      mass: ``sum_c t_c`` (1 for integer labels).
+    """
+
+    loss: jax.Array
+    lse: jax.Array
+    nll: jax.Array
+    smooth: jax.Array
+    smooth_weight: jax.Array
+    num_available: jax.Array
+    mass: jax.Array
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+    return x.astype(v.compute_dtype(x.dtype))
+
+
+def _upcast_alias(x: jax.Array, tag: int) -> jax.Array:
+    """``x`` upcast through an opaque alias of a half-precision input (no copy is made).
+
+    XLA:CPU fuses an upcast into a reduction or an elementwise pass only while nothing else
+    uses that upcast (or the input, for a gather): a shared one is written out in full as a
+    float32 copy. Each pass therefore upcasts its own alias; distinct ``tag`` values keep XLA
+    from merging the aliases again.
+    """
+    if x.dtype != v.compute_dtype(x.dtype):
+        x = jax.lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
+    return _upcast(x)
+
+
+def _sum_exp_around(z: jax.Array, shift: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.exp(z - shift[..., None]), axis=-1)
+
+
+def _in_range(total: jax.Array) -> jax.Array:
+    """Whether a shifted sum of exponentials is usable (False for NaN too)."""
+    return (total >= _MIN_SUM) & (total <= jnp.finfo(total.dtype).max)
+
+
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, 0)
+
+
+def _lse_or_zero(lse: jax.Array) -> jax.Array:
+    """The log-normaliser with 0 for a row whose logits are all ``-inf``."""
+    return jnp.where(lse == -jnp.inf, 0, lse)
+
+
+def _row_sums(*values: jax.Array) -> tuple[jax.Array, ...]:
+    """Sums along the last axis of several arrays in one variadic reduction.
+
+    Used on the careful path only: XLA:CPU keeps a ``where`` inside this loop, where in front of
+    a (faster) single-operand reduction it would write it out as a full temporary array.
+    """
+    zeros = tuple(jnp.zeros((), x.dtype) for x in values)
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
+    return tuple(jax.lax.reduce(values, zeros, add, (values[0].ndim - 1,)))
+
+
+def _careful_lse(given: jax.Array) -> jax.Array:
+    """Max-shifted logsumexp; ``-inf`` for a row whose logits are all ``-inf``."""
+    row_max = _upcast(jnp.max(given, axis=-1))  # exact in the input dtype
+    empty = row_max == -jnp.inf
+    shift = jnp.where(empty, 0, row_max)
+    # Double where: an empty row takes log(1) instead of log(0).
+    total = jnp.where(empty, 1, _sum_exp_around(_upcast_alias(given, _CAREFUL_LSE), shift))
+    return jnp.where(empty, -jnp.inf, jnp.log(total) + shift)
+
+
+def _smoothing_fast(z, hint, offset, weights):
+    """(smooth, smooth_weight, num_available, finite) assuming every class is available."""
+    num_classes = z.shape[-1]
+    # Around -hint, not hint: a broadcast shared with the sum of exponentials would be
+    # materialised as a full array by XLA:CPU instead of being fused into both reductions.
+    centred = -(z + (-hint)[..., None])
+    if weights is None:
+        centred_sum = jnp.sum(centred, axis=-1)
+        smooth_weight = jnp.full(offset.shape, num_classes, z.dtype)
+    else:
+        centred_sum = jnp.sum(weights * centred, axis=-1)
+        smooth_weight = jnp.broadcast_to(jnp.sum(weights), offset.shape)
+    # sum_c w_c (lse - z_c) with lse = offset + hint, taken around the hint for accuracy.
+    smooth = offset * smooth_weight + centred_sum
+    num_available = jnp.full(offset.shape, num_classes, z.dtype)
+    # A -inf, +inf or NaN logit anywhere makes the centred sum non-finite.
+    return (smooth, smooth_weight, num_available), jnp.isfinite(centred_sum)
+
+
+def _smoothing_careful(z, lse, weights):
+    available = z != -jnp.inf
+    per_class = jnp.where(available, lse[..., None] - z, 0)
+    count = jnp.where(available, 1, 0).astype(z.dtype)
+    if weights is None:
+        smooth, num_available = _row_sums(per_class, count)
+        return smooth, num_available, num_available
+    return _row_sums(per_class * weights, jnp.where(available, weights, 0).astype(z.dtype), count)
+
+
+def _no_smoothing(like: jax.Array):
+    return jnp.zeros_like(like), jnp.ones_like(like), jnp.ones_like(like)
+
+
+def _combine(nll, lse, smooth, num_available, label_weights, options: _Options) -> jax.Array:
+    """The per-example loss from the row statistics (the same formula on both paths)."""
+    loss = nll if label_weights is None else nll * label_weights
+    if options.label_smoothing is not None:
+        eps = options.label_smoothing
+        loss = (1 - eps) * loss + eps * smooth / jnp.maximum(num_available, 1)
+    if options.z_loss is not None:
+        loss = loss + options.z_loss * jnp.square(_lse_or_zero(lse))
+    return loss
+
+
+def _is_zero(tangent) -> bool:
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def _option_tangents(rows: _Rows, nll, options: _Options, d_options) -> jax.Array:
+    """Tangent of the loss with respect to traced options (zero for Python floats)."""
+    d_loss = jnp.zeros_like(rows.loss)
+    if options.label_smoothing is not None and not _is_zero(d_options.label_smoothing):
+        smooth = rows.smooth / jnp.maximum(rows.num_available, 1)
+        d_loss = d_loss + (smooth - nll) * d_options.label_smoothing
+    if options.z_loss is not None and not _is_zero(d_options.z_loss):
+        d_loss = d_loss + jnp.square(_lse_or_zero(rows.lse)) * d_options.z_loss
+    return d_loss
+
+
+def _loss_coefficients(rows: _Rows, options: _Options, scale):
+    """(a, b, c): d loss / dz = a p - b w_available - c t (t: target or one-hot, weighted).
+
+    ``scale`` is the weight of the label term before smoothing (label weight or 1).
+    """
+    lse = _lse_or_zero(rows.lse)
+    c = scale
+    a = scale * rows.mass
+    b = None
+    if options.label_smoothing is not None:
+        eps = options.label_smoothing
+        b = eps / jnp.maximum(rows.num_available, 1)
+        c = (1 - eps) * c
+        a = (1 - eps) * a + b * rows.smooth_weight
+    if options.z_loss is not None:
+        a = a + 2 * options.z_loss * lse
+    return a, b, c
+
+
+def _smoothing_weight_tangent(z, lse, options, weights, dweights):
+    """(d smooth, d smooth_weight) from a tangent of the class weights."""
+    available = z != -jnp.inf
+    per_class = jnp.where(available, _lse_or_zero(lse)[..., None] - z, 0)
+    d_smooth = jnp.sum(per_class * dweights, axis=-1)
+    return d_smooth, jnp.sum(jnp.where(available, dweights, 0), axis=-1)
+
+
+def _available_weights(z, weights):
+    return jnp.where(z != -jnp.inf, 1.0 if weights is None else weights, 0).astype(z.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Integer labels.
+# --------------------------------------------------------------------------------------------
+
+
+def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
+    """``z[..., label]`` in the compute dtype (gathered from an alias of a half input)."""
+    z = _upcast_alias(z, _GATHER)
+    return jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+
+
+@jax.custom_jvp
+def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows:
+    """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes)."""
+    smoothing = options.label_smoothing is not None
+    label_logits = _label_logits(z, labels)
+    # The careful branch upcasts for itself: a float32 copy passed into ``lax.cond`` would be
+    # materialised in full.
+    given, z = z, _upcast(z)
+    hint = _finite_or_zero(label_logits)
+    total = _sum_exp_around(z, hint)
+    offset = jnp.log(total)
+    ok = _in_range(total)
+    if smoothing:
+        # A half-precision input is upcast again from an alias (see _upcast_alias).
+        smooth_parts, finite = _smoothing_fast(
+            _upcast_alias(given, _SMOOTHING), hint, offset, weights
+        )
+        ok = ok & finite
+
+    def fast():
+        # lse - z_y = offset + (hint - z_y): exactly ``offset`` when the hint is the label logit.
+        nll = offset + (hint - label_logits)
+        return nll, offset + hint, *(smooth_parts if smoothing else _no_smoothing(nll))
+
+    def careful():
+        lse = _careful_lse(given)
+        nll = lse - label_logits
+        if not smoothing:
+            return nll, lse, *_no_smoothing(nll)
+        z = _upcast_alias(given, _CAREFUL_SUMS)
+        return nll, lse, *_smoothing_careful(z, lse, weights)
+
+    nll, lse, smooth, smooth_weight, num_available = fast_or_careful(jnp.all(ok), fast, careful)
+    loss = _combine(nll, lse, smooth, num_available, label_weights, options)
+    return _Rows(loss, lse, nll, smooth, smooth_weight, num_available, jnp.ones_like(nll))
+
+
+def _integer_rows_jvp(primals, tangents):
+    z, labels, label_weights, weights, options = primals
+    dz, _, d_label_weights, dweights, d_options = tangents
+    rows = _integer_rows(z, labels, label_weights, weights, options)
+    z = _upcast_alias(z, _GRADIENT)
+    zeros = jnp.zeros_like(rows.loss)
+    scale = jnp.ones_like(zeros) if label_weights is None else label_weights
+    d_loss = _option_tangents(rows, rows.nll * scale, options, d_options)
+    d_lse, d_nll, d_smooth, d_weight = zeros, zeros, zeros, zeros
+    if not _is_zero(dz):
+        probs = jnp.exp(z - _lse_or_zero(rows.lse)[..., None])
+        a, b, c = _loss_coefficients(rows, options, scale)
+        coefficient = a[..., None] * probs
+        if b is not None:
+            available_weights = _available_weights(z, weights)
+            coefficient = coefficient - b[..., None] * available_weights
+            d_smooth = jnp.sum((rows.smooth_weight[..., None] * probs - available_weights) * dz, -1)
+        d_lse = jnp.sum(probs * dz, axis=-1)
+        if dz.dtype == z.dtype:
+            # Transposed by jax.grad, the gather becomes a scatter into the gradient in place:
+            # cheaper than an iota comparison in the elementwise pass.
+            picked = jnp.take_along_axis(dz, labels[..., None], axis=-1)[..., 0]
+            d_loss = d_loss + jnp.sum(coefficient * dz, axis=-1) - c * picked
+        else:
+            # A half-precision gradient subtracts the label term before rounding, in one pass.
+            iota = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
+            is_label = iota == labels[..., None]
+            coefficient = jnp.where(is_label, coefficient - c[..., None], coefficient)
+            d_loss = d_loss + jnp.sum(coefficient * dz, axis=-1)
+            picked = jnp.sum(jnp.where(is_label, dz, 0).astype(z.dtype), axis=-1)
+        d_nll = d_lse - picked
+    if label_weights is not None and not _is_zero(d_label_weights):
+        c_nll = 1.0 if options.label_smoothing is None else 1 - options.label_smoothing
+        d_loss = d_loss + c_nll * rows.nll * d_label_weights
+    if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
+        d_smooth_w, d_weight = _smoothing_weight_tangent(z, rows.lse, options, weights, dweights)
+        d_smooth = d_smooth + d_smooth_w
+        b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
+        d_loss = d_loss + b * d_smooth_w
+    return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, zeros)
+
+
+_integer_rows.defjvp(_integer_rows_jvp, symbolic_zeros=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense labels.
+# --------------------------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
+    """Per-row loss for dense targets (class weights already applied to them)."""
+    smoothing = options.label_smoothing is not None
+    given = z, targets
+    z, targets = _upcast(z), targets.astype(v.compute_dtype(z.dtype))
+    mass = jnp.sum(targets, axis=-1)
+    dot = jnp.sum(targets * z, axis=-1)
+    # The target-weighted mean logit: sum_c t_c (z_c - hint) = 0, so nll = mass * offset.
+    hint = _finite_or_zero(jnp.where(mass > 0, dot / jnp.where(mass > 0, mass, 1), 0))
+    total = _sum_exp_around(z, hint)
+    offset = jnp.log(total)
+    # A zero target on a -inf logit makes ``dot`` NaN: the careful path gives it no weight.
+    ok = _in_range(total) & jnp.isfinite(dot) & jnp.isfinite(mass)
+    if smoothing:
+        # A half-precision input is upcast again from an alias (see _upcast_alias).
+        smooth_parts, finite = _smoothing_fast(
+            _upcast_alias(given[0], _SMOOTHING), hint, offset, weights
+        )
+        ok = ok & finite
+
+    def fast():
+        nll = mass * offset + (mass * hint - dot)
+        return nll, offset + hint, *(smooth_parts if smoothing else _no_smoothing(nll))
+
+    def careful():
+        # The careful branch upcasts for itself (see _integer_rows).
+        lse = _careful_lse(given[0])
+        z = _upcast_alias(given[0], _CAREFUL_SUMS)
+        targets = _upcast_alias(given[1], _CAREFUL_SUMS)
+        log_probs = z - _lse_or_zero(lse)[..., None]
+        # 0 * log 0 = 0: a class without target mass never contributes, even at a -inf logit.
+        nll = -_row_sums(jnp.where(targets == 0, 0, targets * log_probs), targets)[0]
+        if not smoothing:
+            return nll, lse, *_no_smoothing(nll)
+        return nll, lse, *_smoothing_careful(z, lse, weights)
+
+    nll, lse, smooth, smooth_weight, num_available = fast_or_careful(jnp.all(ok), fast, careful)
+    loss = _combine(nll, lse, smooth, num_available, None, options)
+    return _Rows(loss, lse, nll, smooth, smooth_weight, num_available, mass)
+
+
+def _dense_rows_jvp(primals, tangents):
+    z, targets, weights, options = primals
+    dz, dtargets, dweights, d_options = tangents
+    rows = _dense_rows(z, targets, weights, options)
+    z, targets = _upcast_alias(z, _GRADIENT), _upcast_alias(targets, _GRADIENT)
+    zeros = jnp.zeros_like(rows.loss)
+    d_loss = _option_tangents(rows, rows.nll, options, d_options)
+    d_lse, d_nll, d_smooth, d_weight, d_mass = zeros, zeros, zeros, zeros, zeros
+    c_nll = 1.0 if options.label_smoothing is None else 1 - options.label_smoothing
+    if not _is_zero(dz):
+        probs = jnp.exp(z - _lse_or_zero(rows.lse)[..., None])
+        a, b, c = _loss_coefficients(rows, options, jnp.ones_like(zeros))
+        coefficient = a[..., None] * probs - c[..., None] * targets
+        if b is not None:
+            available_weights = _available_weights(z, weights)
+            coefficient = coefficient - b[..., None] * available_weights
+            d_smooth = jnp.sum((rows.smooth_weight[..., None] * probs - available_weights) * dz, -1)
+        d_loss = d_loss + jnp.sum(coefficient * dz, axis=-1)
+        d_lse = jnp.sum(probs * dz, axis=-1)
+        d_nll = jnp.sum((rows.mass[..., None] * probs - targets) * dz, axis=-1)
+    if not _is_zero(dtargets):
+        lse = _lse_or_zero(rows.lse)
+        # d/dt_c = lse - z_c (+inf for mass on a -inf logit); 0 for a zero target at -inf.
+        coefficient = jnp.where((targets == 0) & (z == -jnp.inf), 0, lse[..., None] - z)
+        d_nll_t = jnp.sum(coefficient * dtargets, axis=-1)
+        d_nll = d_nll + d_nll_t
+        d_loss = d_loss + c_nll * d_nll_t
+        d_mass = jnp.sum(dtargets, axis=-1)
+    if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
+        d_smooth_w, d_weight = _smoothing_weight_tangent(z, rows.lse, options, weights, dweights)
+        d_smooth = d_smooth + d_smooth_w
+        b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
+        d_loss = d_loss + b * d_smooth_w
+    return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, d_mass)
+
+
+_dense_rows.defjvp(_dense_rows_jvp, symbolic_zeros=True)
+
+
+def _options(z: jax.Array, label_smoothing, z_loss) -> _Options:
+    dtype = v.compute_dtype(z.dtype)
+    on = smoothing_is_on  # True for a traced value, else whether it is nonzero
+    return _Options(
+        jnp.asarray(label_smoothing, dtype) if on(label_smoothing) else None,
+        jnp.asarray(z_loss, dtype) if on(z_loss) else None,
+    )
+
+
+def _prepare(logits, axis, where, logit_softcap) -> tuple[jax.Array, jax.Array | None, int]:
+    """(logits with the class axis last, example mask, class axis of the caller's layout).
+
+    Without a mask, a soft cap or a transpose the caller's array is returned as it is, even in
+    half precision: the statistics upcast it inside their fused passes, which saves writing and
+    re-reading a float32 copy.
+    """
+    raw = v.as_float_array("logits", logits)
+    if where is None and logit_softcap is None and raw.ndim:
+        if v.normalize_axis(axis, raw.ndim) == raw.ndim - 1:
+            return raw, None, raw.ndim - 1
+    prepared = prepare_logits(logits, axis=axis, where=where, logit_softcap=logit_softcap)
+    return prepared.logits, prepared.example_mask, prepared.axis
 
 
 def _validity(example_mask: jax.Array | None, row_valid: jax.Array) -> jax.Array:
@@ -74,26 +479,23 @@ def softmax_cross_entropy(
       >>> xent_jax.softmax_cross_entropy(logits, labels)
       Array([0.41703], dtype=float32)
     """
-    prepared = prepare_logits(logits, axis=axis, where=where, logit_softcap=logit_softcap)
-    z = prepared.logits
+    z, example_mask, class_axis = _prepare(logits, axis, where, logit_softcap)
+    compute_dtype = v.compute_dtype(z.dtype)
     targets = v.as_float_array("labels", labels)
     v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
     v.check_label_smoothing(label_smoothing)
     v.check_nonnegative("z_loss", z_loss)
-    targets = jnp.moveaxis(targets.astype(z.dtype), prepared.axis, -1)
+    if class_axis != targets.ndim - 1:
+        targets = jnp.moveaxis(targets, class_axis, -1)
     weights = v.check_class_weights(class_weights, z.shape[-1])
-
-    lse, row_valid = masked_logsumexp(z)
-    log_probs = z - lse[..., None]
-    targets = smooth_targets(targets, z, label_smoothing)
     if weights is not None:
-        targets = targets * weights.astype(z.dtype)
-    # 0 * log 0 = 0: a class without target mass never contributes, even at a -inf logit.
-    terms = jnp.where(targets == 0, 0, targets * log_probs)
-    loss = -jnp.sum(terms, axis=-1)
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
-    valid = _validity(prepared.example_mask, row_valid)
+        weights = weights.astype(compute_dtype)
+        targets = targets.astype(compute_dtype) * weights
+
+    rows = _dense_rows(z, targets, weights, _options(z, label_smoothing, z_loss))
+    row_valid = rows.lse != -jnp.inf
+    loss = rows.loss
+    valid = _validity(example_mask, row_valid)
     loss = jnp.where(valid, loss, 0)
     return reduce_loss(loss, reduction, denominator_weights=valid)
 
@@ -154,8 +556,22 @@ def softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
       Array(0.41703, dtype=float32)
     """
-    prepared = prepare_logits(logits, axis=axis, where=where, logit_softcap=logit_softcap)
-    z = prepared.logits
+    if _sharded.is_explicitly_sharded(logits):
+        # Logits laid out over an explicit mesh: each device reduces its own block (shard_map),
+        # so nothing of the logits' size is ever gathered.
+        return _sharded.vocab_parallel_softmax_cross_entropy_with_integer_labels(
+            logits,
+            labels,
+            axis=axis,
+            where=where,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weights=class_weights,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+            reduction=reduction,
+        )
+    z, example_mask, _ = _prepare(logits, axis, where, logit_softcap)
     v.check_label_smoothing(label_smoothing)
     v.check_nonnegative("z_loss", z_loss)
     num_classes = z.shape[-1]
@@ -164,28 +580,17 @@ def softmax_cross_entropy_with_integer_labels(
         labels, batch_shape=z.shape[:-1], num_classes=num_classes, ignore_index=ignore_index
     )
     safe_labels = labels.safe
+    if weights is not None:
+        weights = weights.astype(v.compute_dtype(z.dtype))
+    label_weights = None if weights is None else weights[safe_labels]
 
-    lse, row_valid = masked_logsumexp(z)
-    label_logits = jnp.take_along_axis(z, safe_labels[..., None], axis=-1)[..., 0]
-    nll = lse - label_logits
-    label_weights = None if weights is None else weights.astype(z.dtype)[safe_labels]
-    if label_weights is not None:
-        nll = nll * label_weights
-    if smoothing_is_on(label_smoothing):
-        available = available_classes(z)
-        num_available = jnp.maximum(jnp.sum(available, axis=-1), 1)
-        # lse - z_c summed over classes that can receive mass; -inf classes would give +inf.
-        per_class = jnp.where(available, lse[..., None] - z, 0)
-        if weights is not None:
-            per_class = per_class * weights.astype(z.dtype)
-        smooth = jnp.sum(per_class, axis=-1) / num_available
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    else:
-        loss = nll
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
+    rows = _integer_rows(
+        z, safe_labels, label_weights, weights, _options(z, label_smoothing, z_loss)
+    )
+    row_valid = rows.lse != -jnp.inf
+    loss = rows.loss
 
-    valid = combine_masks(prepared.example_mask, row_valid, labels.kept)
+    valid = combine_masks(example_mask, row_valid, labels.kept)
     # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
     loss = jnp.where(labels.invalid, jnp.nan, loss)
     loss = jnp.where(valid, loss, 0)

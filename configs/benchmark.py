@@ -1,0 +1,72 @@
+"""Benchmark of the losses against optax, jax.numpy and PyTorch, with limits from the same run.
+
+Launch (full: ``make bench``; quick, under 2 minutes on 2 CPU cores: ``make bench-quick``):
+
+    python -m research.benchmark --config configs/benchmark.py
+    python -m research.benchmark --config configs/benchmark.py:quick
+    python -m research.benchmark --config configs/benchmark.py:quick \
+        --config.repeats=3 --config.dtypes=float32 --workdir /tmp/bench
+
+Shapes are ``"NxK"`` strings (``"NxDxV"`` for the fused linear loss), e.g.
+``--config.shapes.softmax_int=1024x8192,8192x32768``. Groups whose inputs would not fit in
+``memory_fraction`` of the available memory are skipped (and listed as such). Results go to
+``--workdir`` (default ``bench_runs/<stamp>/``).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.losses = ("softmax_int", "softmax_dense", "sigmoid", "linear_softmax_int")
+    config.modes = ("fwd", "fwd_bwd")
+    config.dtypes = ("float32", "bfloat16")
+    config.implementations = (
+        "xent_jax",
+        "xent_jax[options]",  # ignore_index + label smoothing + z-loss (integer labels only)
+        "xent_jax[unfused]",  # fused-loss group: x @ w, then the xent_jax loss
+        "optax",
+        "jnp",
+        "torch",  # skipped when PyTorch is not installed
+    )
+    config.options = ml_collections.ConfigDict(
+        {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-4}
+    )
+    # From small to language-model sized; the largest are skipped if memory is short.
+    config.shapes = ml_collections.ConfigDict(
+        {
+            "softmax_int": ("256x1024", "1024x8192", "2048x32768", "8192x32768", "4096x131072"),
+            "softmax_dense": ("256x1024", "1024x8192", "2048x32768", "8192x32768"),
+            "sigmoid": ("256x1024", "1024x8192", "2048x32768", "8192x32768"),
+            "linear_softmax_int": ("256x128x1024", "1024x256x8192", "4096x512x32768"),
+        }
+    )
+    # The shape of the speed bars (integer-label softmax CE); bfloat16 accuracy rows.
+    config.bar_shape = "8192x32768"
+    config.accuracy_rows = 1024
+    config.repeats = 11
+    config.warmup = 2
+    config.rotation_mib = 64  # distinct input sets cover at least this much (beyond the L3)
+    config.max_inputs = 8
+    config.memory_fraction = 0.6
+    config.reference_kernels = True
+    config.torch_threads = 0  # 0: PyTorch's default
+    config.plots = True
+    if arg == "quick":
+        config.shapes = ml_collections.ConfigDict(
+            {
+                "softmax_int": ("256x2048", "1024x16384"),
+                "softmax_dense": ("512x8192",),
+                "sigmoid": ("512x8192",),
+                "linear_softmax_int": ("512x128x8192",),
+            }
+        )
+        config.bar_shape = "1024x16384"
+        config.accuracy_rows = 256
+        config.repeats = 5
+        config.warmup = 1
+        config.rotation_mib = 16
+    elif arg is not None:
+        raise ValueError(f"unknown config variant {arg!r}; use ':quick' or nothing")
+    return config

@@ -1,0 +1,342 @@
+"""Benchmark of the xent_jax losses against optax, plain ``jax.numpy`` and PyTorch (when it is
+installed), with the hardware limits measured in the same run on the same device.
+
+    python -m research.benchmark --config configs/benchmark.py          # make bench
+    python -m research.benchmark --config configs/benchmark.py:quick    # make bench-quick
+    python -m research.benchmark --config configs/benchmark.py:quick \
+        --config.repeats=3 --config.dtypes=float32 --workdir /tmp/bench
+
+Cases: integer-label and dense softmax cross-entropy, sigmoid BCE and the fused linear softmax
+cross-entropy (when ``xent_jax`` has it), each forward (the mean loss) and forward + backward
+(``jax.grad`` of the mean loss), in float32 and bfloat16, over the configured shapes.
+
+Timing: every implementation of a group (loss x dtype x shape) is compiled first (compile time is
+reported on its own), warmed up, then timed in interleaved repeats (random order per repeat; PyTorch
+in a block of its own) together with reference
+kernels on the same arrays ``(copy)``, ``(read)``, ``(exp)`` (CPU) and ``(matmul)`` (fused
+loss), which give the limits (see ``research/bench/report.py``). Each call takes the next of
+several pre-generated input sets (enough that they do not fit in the caches) and ends with
+``block_until_ready``. Reported: median and IQR of the wall time, median CPU time, the paired
+ratio to optax, bytes moved, GB/s, fraction of the copy bandwidth and of the limit, exp passes
+(CPU) and XLA's temporary memory (``memory_analysis()``; device peak on GPU/TPU).
+
+Writes to the workdir (default ``bench_runs/<stamp>/``): ``results.jsonl`` (the environment, then
+one line per reference kernel and per case, the speed bars and a summary), ``results.csv``,
+``results.md``, ``time_vs_size.png``, ``fraction_of_limit.png`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+
+import xent_jax
+from research.bench import cases, report
+from research.bench.cases import Group
+from research.bench.timing import (
+    Runner,
+    device_peak_bytes,
+    jax_runner,
+    time_interleaved,
+    torch_runner,
+)
+from research.common.config import ConfigError, check_config, parse_args
+from research.common.guard import progress
+from research.common.workdir import to_jsonable
+
+
+def rules(config: Any) -> dict[str, tuple]:
+    def shapes_ok(node) -> bool:
+        for loss in cases.LOSSES:
+            for text in node[loss]:
+                shape = cases.parse_shape(text)
+                if len(shape) != (3 if loss == "linear_softmax_int" else 2):
+                    return False
+        return True
+
+    return {
+        "losses": (lambda v: set(v) <= set(cases.LOSSES), f"a subset of {cases.LOSSES}"),
+        "modes": (
+            lambda v: len(v) > 0 and set(v) <= set(cases.MODES),
+            f"a subset of {cases.MODES}",
+        ),
+        "dtypes": (
+            lambda v: len(v) > 0 and set(v) <= set(cases.DTYPES),
+            f"a subset of {tuple(cases.DTYPES)}",
+        ),
+        "implementations": (
+            lambda v: set(v) <= set(cases.IMPLEMENTATIONS),
+            f"a subset of {cases.IMPLEMENTATIONS}",
+        ),
+        "shapes": (shapes_ok, "NxK strings per softmax/sigmoid loss, NxDxV for the fused one"),
+        "repeats": (lambda v: v >= 1, "at least 1"),
+        "warmup": (lambda v: v >= 0, "at least 0"),
+        "rotation_mib": (lambda v: v >= 0, "at least 0"),
+        "max_inputs": (lambda v: v >= 2, "at least 2"),
+        "memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    }
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(config: Any, argv: list[str]) -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "type": "environment",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["python -m research.benchmark", *argv]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "xent_jax": getattr(xent_jax, "__version__", "?"),
+        "numpy": np.__version__,
+        "torch": cases.torch_version(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "cpu_count": os.cpu_count(),
+        "memory_available_bytes": available_memory_bytes(),
+        "load_average_start": load_average(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+        "dtypes": list(config.dtypes),
+        "shapes": {loss: list(config.shapes[loss]) for loss in config.losses},
+        "config": config.to_dict(),
+    }
+
+
+def groups_of(config: Any) -> list[Group]:
+    groups = []
+    for loss in config.losses:
+        for dtype in config.dtypes:
+            for text in config.shapes[loss]:
+                groups.append(Group(loss, dtype, cases.parse_shape(text)))
+    return groups
+
+
+def plan(group: Group, config: Any, backend: str) -> list[tuple[str, str | None]]:
+    """(implementation, mode) pairs that exist for the group, then the reference kernels."""
+    options = dict(config.options)
+    planned = []
+    for mode in config.modes:
+        for impl in config.implementations:
+            if impl == "torch":
+                if cases.torch_module() is not None:
+                    planned.append((impl, mode))
+            elif cases.jax_loss(group.loss, impl, options) is not None:
+                planned.append((impl, mode))
+    if config.reference_kernels:
+        planned.extend((name, None) for name in cases.reference_kernels(group, backend))
+    return planned
+
+
+def build_runners(
+    group: Group, planned, inputs, config: Any, backend: str, on_compile
+) -> dict[str, Runner]:
+    options = dict(config.options)
+    refs = cases.reference_kernels(group, backend)
+    torch_inputs: dict[str, list] = {}
+    runners: dict[str, Runner] = {}
+    for impl, mode in planned:
+        if mode is None:
+            runner = jax_runner(impl, None, refs[impl], inputs)
+        elif impl == "torch":
+            if mode not in torch_inputs:
+                torch_inputs[mode] = cases.torch_inputs(group, inputs, mode)
+            runner = torch_runner(impl, mode, cases.torch_function(group, mode), torch_inputs[mode])
+        else:
+            runner = jax_runner(impl, mode, cases.jax_function(group, impl, mode, options), inputs)
+        runners[runner.key] = runner
+        on_compile(runner)
+    return runners
+
+
+def bf16_accuracy(shape: tuple[int, ...], max_rows: int, seed: int) -> dict[str, Any]:
+    """Max relative error of the bfloat16 loss against float64 on the same (upcast) logits."""
+    n, k = min(shape[0], max_rows), shape[1]
+    key_z, key_y = jax.random.split(jax.random.PRNGKey(seed + 1))
+    logits = (2.0 * jax.random.normal(key_z, (n, k), jnp.float32)).astype(jnp.bfloat16)
+    labels = jax.random.randint(key_y, (n,), 0, k, jnp.int32)
+    up = np.asarray(logits.astype(jnp.float32), np.float64)
+    row_max = up.max(-1, keepdims=True)
+    lse = (row_max + np.log(np.exp(up - row_max).sum(-1, keepdims=True)))[:, 0]
+    reference = lse - up[np.arange(n), np.asarray(labels)]
+    ours = np.asarray(xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    theirs = np.asarray(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels).astype(jnp.float32)
+    )
+
+    def err(x):
+        return float(np.max(np.abs(np.asarray(x, np.float64) - reference) / np.abs(reference)))
+
+    return {
+        "shape": cases.shape_text((n, k)),
+        "xent_jax_max_rel_error": err(ours),
+        "optax_max_rel_error": err(theirs),
+    }
+
+
+def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark described by ``config``; returns rows, bars, references, environment."""
+    check_config(config, rules(config))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    backend = jax.default_backend()
+    env = environment(config, list(sys.argv[1:] if argv is None else argv))
+    torch = cases.torch_module() if "torch" in config.implementations else None
+    if torch is not None and config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    (workdir / "config.json").write_text(json.dumps(to_jsonable(config.to_dict()), indent=2))
+
+    groups = groups_of(config)
+    plans = {g: plan(g, config, backend) for g in groups}
+    calls = sum(len(p) * (1 + config.warmup + config.repeats) for p in plans.values())
+    rows: list[dict] = []
+    refs: list[dict] = []
+    skipped: list[dict] = []
+    started = time.perf_counter()
+    with (workdir / "results.jsonl").open("w") as log, progress(calls, "benchmark") as bar:
+
+        def emit(record: dict) -> None:
+            log.write(json.dumps(to_jsonable(record)) + "\n")
+            log.flush()
+
+        emit(env)
+        for group in groups:
+            planned = plans[group]
+            count = cases.num_inputs(group, config.rotation_mib * 2**20, config.max_inputs)
+            needed = group.working_set_bytes(count, torch is not None)
+            budget = config.memory_fraction * available_memory_bytes()
+            if needed > budget:
+                reason = f"needs ~{needed / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB"
+                skipped.append({"group": group.label, "reason": reason})
+                emit({"type": "skipped", "group": group.label, "reason": reason})
+                bar.update(len(planned) * (1 + config.warmup + config.repeats))
+                continue
+            bar.set_postfix_str(f"{group.label} (inputs)")
+            inputs = cases.make_inputs(group, count, config.seed)
+
+            def on_compile(runner, group=group):
+                bar.set_postfix_str(f"{group.label} {runner.key}")
+                bar.update(1)
+
+            runners = build_runners(group, planned, inputs, config, backend, on_compile)
+            bar.set_postfix_str(f"{group.label} (timing)")
+            time_interleaved(
+                list(runners.values()),
+                repeats=config.repeats,
+                warmup=config.warmup,
+                seed=config.seed,
+                on_call=lambda: bar.update(1),
+            )
+            peak = device_peak_bytes()
+            for row in report.group_rows(group, runners, backend):
+                row["num_inputs"] = count
+                if peak is not None:
+                    row["device_peak_bytes"] = peak
+                rows.append(row)
+                emit({"type": "case", **row})
+            for ref in report.reference_rows(group, runners):
+                refs.append(ref)
+                emit({"type": "reference", **ref})
+            del inputs, runners
+            gc.collect()
+
+        accuracy = None
+        bar_shape = config.bar_shape
+        if "softmax_int" in config.losses and "bfloat16" in config.dtypes:
+            accuracy = bf16_accuracy(
+                cases.parse_shape(bar_shape), config.accuracy_rows, config.seed
+            )
+            emit({"type": "accuracy", **accuracy})
+        bars = report.speed_bars(rows, bar_shape, accuracy)
+        for entry in bars:
+            emit({"type": "bar", **entry})
+        env["load_average_end"] = load_average()
+        env["elapsed_s"] = round(time.perf_counter() - started, 1)
+        emit(
+            {
+                "type": "summary",
+                "load_average_end": env["load_average_end"],
+                "elapsed_s": env["elapsed_s"],
+                "cases": len(rows),
+                "skipped": len(skipped),
+            }
+        )
+
+    report.write_csv(workdir / "results.csv", rows)
+    markdown = report.markdown_report(env, rows, refs, bars, skipped)
+    (workdir / "results.md").write_text(markdown)
+    if config.plots and rows:
+        report.plot_time_vs_size(workdir / "time_vs_size.png", rows, refs)
+        report.plot_fraction_of_limit(workdir / "fraction_of_limit.png", rows)
+    return {
+        "rows": rows,
+        "bars": bars,
+        "references": refs,
+        "environment": env,
+        "skipped": skipped,
+        "workdir": workdir,
+    }
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, workdir = parse_args(argv, "benchmark")
+        workdir = workdir or Path("bench_runs") / time.strftime("%Y%m%d-%H%M%S")
+        result = main(config, workdir, argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["bars"]:
+        print(
+            report.markdown_table(
+                [
+                    {
+                        "bar": b["bar"],
+                        "value": f"{b['value']:.3g}",
+                        "target": b["target"],
+                        "pass": b["pass"],
+                    }
+                    for b in result["bars"]
+                ]
+            )
+        )
+    print(f"benchmark: results in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,274 @@
+"""The benchmark harness (research/benchmark.py): a tiny run end to end, its outputs and their
+sanity, the limit model, the CLI, and the no-temporaries property the fast losses rely on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+
+import xent_jax
+from research import benchmark
+from research.bench import cases, report
+from research.bench.timing import Runner, paired_ratio, summary
+from research.common.config import CONFIG_DIR, load_config
+
+
+def get_config(arg=None):
+    return load_config(f"{CONFIG_DIR / 'benchmark.py'}" + (f":{arg}" if arg else ""))
+
+
+TINY_SHAPES = {
+    "softmax_int": ("8x64", "32x256"),
+    "softmax_dense": ("16x128",),
+    "sigmoid": ("16x128",),
+    "linear_softmax_int": ("16x32x128",),
+}
+
+
+def tiny_config():
+    config = get_config("quick")
+    for loss, shapes in TINY_SHAPES.items():
+        config.shapes[loss] = shapes
+    config.bar_shape = "32x256"
+    config.accuracy_rows = 8
+    config.repeats = 3
+    config.warmup = 1
+    config.rotation_mib = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bench")
+    result = benchmark.main(tiny_config(), workdir, argv=["--config", "tiny"])
+    return result, workdir
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_output(tiny_run):
+    _, workdir = tiny_run
+    for name in [
+        "results.jsonl",
+        "results.csv",
+        "results.md",
+        "time_vs_size.png",
+        "fraction_of_limit.png",
+        "config.json",
+    ]:
+        assert (workdir / name).is_file(), name
+        assert (workdir / name).stat().st_size > 0, name
+    for name in ["time_vs_size.png", "fraction_of_limit.png"]:
+        image = matplotlib.image.imread(workdir / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+
+@pytest.mark.slow
+def test_jsonl_starts_with_the_environment_and_holds_every_case(tiny_run):
+    result, workdir = tiny_run
+    records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    env = records[0]
+    assert env["type"] == "environment"
+    for key in ["jax", "jaxlib", "optax", "backend", "device_kind", "dtypes", "shapes", "command"]:
+        assert key in env, key
+    assert env["backend"] == jax.default_backend()
+    assert env["dtypes"] == ["float32", "bfloat16"]
+    assert env["shapes"]["softmax_int"] == list(TINY_SHAPES["softmax_int"])
+    kinds = [r["type"] for r in records]
+    assert kinds.count("case") == len(result["rows"]) > 0
+    assert kinds.count("reference") == len(result["references"]) > 0
+    assert kinds[-1] == "summary"
+    assert "bar" in kinds and "accuracy" in kinds
+
+
+@pytest.mark.slow
+def test_every_case_is_present_and_sane(tiny_run):
+    result, _ = tiny_run
+    rows = result["rows"]
+    seen = {(r["loss"], r["mode"], r["dtype"], r["implementation"]) for r in rows}
+    for loss in cases.LOSSES:
+        for mode in cases.MODES:
+            for dtype in ("float32", "bfloat16"):
+                assert (loss, mode, dtype, "xent_jax") in seen
+                assert (loss, mode, dtype, "optax") in seen
+    assert ("softmax_int", "fwd_bwd", "float32", "xent_jax[options]") in seen
+    assert ("linear_softmax_int", "fwd", "float32", "xent_jax[unfused]") in seen
+    if cases.torch_module() is not None:
+        assert ("softmax_int", "fwd", "float32", "torch") in seen
+    fractions = []
+    for row in rows:
+        assert row["repeats"] == 3
+        assert 0 < row["time_min_ms"] <= row["time_q25_ms"] <= row["time_ms"]
+        assert row["time_ms"] <= row["time_q75_ms"] <= row["time_max_ms"]
+        assert row["cpu_ms"] >= 0
+        if row["implementation"] == "torch":
+            assert row["compile_s"] is None
+        else:
+            # Compile time is measured on its own, before the timed calls.
+            assert row["compile_s"] > 0
+            assert row["temp_bytes"] >= 0
+        assert row["bytes_moved"] > 0 and row["gbps"] > 0
+        if row["loss"] != "linear_softmax_int":
+            assert row["fraction_of_copy_bw"] > 0
+            if jax.default_backend() == "cpu":
+                assert row["exp_passes"] > 0
+        assert math.isfinite(row["fraction_of_limit"]) and row["fraction_of_limit"] > 0
+        fractions.append(row["fraction_of_limit"])
+        if row["implementation"] != "optax" and row["mode"] == row["mode"]:
+            assert row["vs_optax"] > 0
+    # Tiny shapes are all overhead, so single cases scatter; as a whole they respect the limit.
+    assert 0 < np.median(fractions) <= 1.5
+    assert max(fractions) < 10
+
+
+@pytest.mark.slow
+def test_csv_and_markdown_match_the_rows(tiny_run):
+    result, workdir = tiny_run
+    with (workdir / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(result["rows"])
+    for column in [
+        "loss",
+        "mode",
+        "dtype",
+        "shape",
+        "implementation",
+        "time_ms",
+        "compile_s",
+        "fraction_of_limit",
+        "gbps",
+    ]:
+        assert column in table[0], column
+    markdown = (workdir / "results.md").read_text()
+    assert "## Speed bars" in markdown
+    assert "## Reference kernels" in markdown
+    assert "softmax CE, integer labels: forward + backward" in markdown
+    assert "sigmoid BCE: forward" in markdown
+
+
+@pytest.mark.slow
+def test_bars_are_reported_with_ratios(tiny_run):
+    result, _ = tiny_run
+    bars = {b["bar"]: b for b in result["bars"]}
+    assert "float32 fwd+bwd: xent_jax / optax" in bars
+    assert "float32 fwd: options / plain" in bars
+    for bar in bars.values():
+        assert bar["value"] > 0 and isinstance(bar["pass"], bool)
+    accuracy = bars["bfloat16 loss: max relative error vs float64 reference"]
+    assert accuracy["value"] < 1e-3 and accuracy["pass"]
+
+
+def test_limit_model_on_synthetic_timings():
+    group = cases.Group("softmax_int", "float32", (1000, 1000))
+    refs = {"(copy)": 10.0, "(read)": 2.0, "(exp)": 4.0}
+    fwd = report._limits(group, "fwd", 5.0, group.read_bytes(), 0, refs, "cpu")
+    # Reading needs max(read scaled to the labels too, exp) = 4 ms; nothing is written.
+    assert fwd["limit_ms"] == pytest.approx(4.0)
+    assert fwd["fraction_of_limit"] == pytest.approx(0.8)
+    assert fwd["exp_passes"] == pytest.approx(1.25)
+    bwd = report._limits(
+        group, "fwd_bwd", 16.0, group.read_bytes(), group.write_bytes("fwd_bwd"), refs, "cpu"
+    )
+    # ... plus writing the gradient: copy - read = 8 ms.
+    assert bwd["limit_ms"] == pytest.approx(12.0)
+    assert bwd["fraction_of_limit"] == pytest.approx(0.75)
+    copy_gbps = 2 * 4e6 / 10e-3 / 1e9
+    assert bwd["copy_gbps"] == pytest.approx(copy_gbps)
+    linear = cases.Group("linear_softmax_int", "float32", (100, 10, 1000))
+    out = report._limits(linear, "fwd_bwd", 30.0, 0, 0, {"(matmul)": 5.0}, "cpu")
+    assert out["limit_ms"] == pytest.approx(15.0)
+    assert out["fraction_of_limit"] == pytest.approx(0.5)
+
+
+def test_group_accounting_and_timing_helpers():
+    group = cases.Group("softmax_dense", "bfloat16", (4, 8))
+    assert group.elements == 32
+    assert group.read_bytes() == 2 * 32 * 2  # logits and targets, bf16
+    assert group.write_bytes("fwd") == 0 and group.write_bytes("fwd_bwd") == 64
+    assert cases.parse_shape("8192x32768") == (8192, 32768)
+    with pytest.raises(ValueError):
+        cases.parse_shape("8192 by 32768")
+    stats = summary([0.001, 0.002, 0.003, 0.004])
+    assert stats["median"] == pytest.approx(2.5) and stats["min"] == pytest.approx(1.0)
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == pytest.approx(2.0)
+    runner = Runner("x", "fwd", lambda i: None)
+    assert runner.key == "x|fwd"
+
+
+def test_configs_load_and_quick_is_smaller():
+    full, quick = get_config(), get_config("quick")
+    for config in (full, quick):
+        for loss in cases.LOSSES:
+            for text in config.shapes[loss]:
+                cases.parse_shape(text)
+        assert cases.parse_shape(config.bar_shape) in [
+            cases.parse_shape(t) for t in config.shapes.softmax_int
+        ]
+    biggest = lambda c: max(math.prod(cases.parse_shape(t)) for t in c.shapes.softmax_int)
+    assert biggest(quick) < biggest(full)
+    with pytest.raises(ValueError, match="quick"):
+        get_config("nope")
+
+
+def test_cli_rejects_bad_values_before_running(tmp_path, capsys):
+    code = benchmark.cli(
+        ["--config", "configs/benchmark.py:quick", "--config.repeats=0", "--workdir", str(tmp_path)]
+    )
+    assert code == 2
+    assert "config.repeats" in capsys.readouterr().err
+    code = benchmark.cli(["--config", "configs/benchmark.py:quick", "--config.losses=nope"])
+    assert code == 2
+
+
+SHAPE = (64, 1024)
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        ("float32", {}),
+        ("bfloat16", {}),
+        ("float32", dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)),
+    ],
+)
+def test_softmax_loss_and_gradient_hold_no_logits_sized_temporary(dtype, options):
+    """The fast path reads the logits in fused reductions and writes the gradient in one pass:
+    no temporary as large as the logits (XLA:CPU writes one out for a `where` in front of a
+    reduction, or for an upcast shared by two passes)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fusion decisions checked here are XLA:CPU's")
+    z = jnp.zeros(SHAPE, cases.DTYPES[dtype])
+    y = jnp.zeros(SHAPE[:1], jnp.int32)
+    t = jnp.full(SHAPE, 1.0 / SHAPE[1], cases.DTYPES[dtype])
+    logits_bytes = SHAPE[0] * SHAPE[1] * 4
+
+    def integer(z, y):
+        return xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean", **options)
+
+    def dense(z, t):
+        return xent_jax.softmax_cross_entropy(
+            z, t, reduction="mean", label_smoothing=options.get("label_smoothing", 0.0)
+        )
+
+    for fn, second in [(integer, y), (dense, t)]:
+        assert _temp_bytes(fn, z, second) < logits_bytes // 4
+        assert _temp_bytes(jax.grad(fn), z, second) < logits_bytes // 4
+
+
+def test_sigmoid_gradient_holds_no_logits_sized_temporary():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fusion decisions checked here are XLA:CPU's")
+    x = jnp.zeros(SHAPE)
+    y = jnp.zeros(SHAPE)
+    fn = lambda x, y: xent_jax.sigmoid_binary_cross_entropy(x, y, reduction="mean")
+    assert _temp_bytes(jax.grad(fn), x, y) < SHAPE[0] * SHAPE[1]
