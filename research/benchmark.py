@@ -23,6 +23,8 @@ ratio to optax, bytes moved, GB/s, fraction of the copy bandwidth and of the lim
 Writes to the workdir (default ``bench_runs/<stamp>/``): ``results.jsonl`` (the environment, then
 one line per reference kernel and per case, the speed bars and a summary), ``results.csv``,
 ``results.md``, ``time_vs_size.png``, ``fraction_of_limit.png`` and ``config.json``.
+``python -m research.benchmark --rebuild DIR`` rewrites the last four from ``results.jsonl``
+(for instance after an interrupted run).
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def plan(group: Group, config: Any, backend: str) -> list[tuple[str, str | None]
     for mode in config.modes:
         for impl in config.implementations:
             if impl == "torch":
-                if cases.torch_module() is not None:
+                slow_matmul = group.linear and group.dtype == "bfloat16"
+                if cases.torch_module() is not None and (
+                    config.torch_bfloat16_matmul or not slow_matmul
+                ):
                     planned.append((impl, mode))
             elif cases.jax_loss(group.loss, impl, options) is not None:
                 planned.append((impl, mode))
@@ -295,12 +300,7 @@ def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dic
             }
         )
 
-    report.write_csv(workdir / "results.csv", rows)
-    markdown = report.markdown_report(env, rows, refs, bars, skipped)
-    (workdir / "results.md").write_text(markdown)
-    if config.plots and rows:
-        report.plot_time_vs_size(workdir / "time_vs_size.png", rows, refs)
-        report.plot_fraction_of_limit(workdir / "fraction_of_limit.png", rows)
+    write_outputs(workdir, env, rows, refs, bars, skipped, plots=config.plots)
     return {
         "rows": rows,
         "bars": bars,
@@ -311,8 +311,44 @@ def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dic
     }
 
 
+def write_outputs(workdir: Path, env, rows, refs, bars, skipped, *, plots: bool = True) -> None:
+    """results.csv, results.md and the PNG plots from the collected records."""
+    report.write_csv(workdir / "results.csv", rows)
+    markdown = report.markdown_report(env, rows, refs, bars, skipped)
+    (workdir / "results.md").write_text(markdown)
+    if plots and rows:
+        report.plot_time_vs_size(workdir / "time_vs_size.png", rows, refs)
+        report.plot_fraction_of_limit(workdir / "fraction_of_limit.png", rows)
+
+
+def rebuild(workdir: str | Path) -> dict[str, Any]:
+    """Rewrites the CSV, Markdown and plots of a run from its results.jsonl (also of a run that
+    was interrupted: every finished group is in the log)."""
+    workdir = Path(workdir)
+    records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k != "type"}
+    env = records[0]
+    rows = [strip(r) for r in records if r["type"] == "case"]
+    refs = [strip(r) for r in records if r["type"] == "reference"]
+    skipped = [strip(r) for r in records if r["type"] == "skipped"]
+    accuracy = next((strip(r) for r in records if r["type"] == "accuracy"), None)
+    summary = next((r for r in records if r["type"] == "summary"), None)
+    if summary is None:
+        env["load_average_end"] = "(interrupted run)"
+    else:
+        env["load_average_end"] = summary["load_average_end"]
+    bar_shape = env.get("config", {}).get("bar_shape", "")
+    bars = report.speed_bars(rows, bar_shape, accuracy)
+    write_outputs(workdir, env, rows, refs, bars, skipped)
+    return {"rows": rows, "bars": bars, "references": refs, "environment": env}
+
+
 def cli(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rebuild"] and len(argv) == 2:
+        rebuild(argv[1])
+        print(f"benchmark: outputs rebuilt in {argv[1]}")
+        return 0
     try:
         config, workdir = parse_args(argv, "benchmark")
         workdir = workdir or Path("bench_runs") / time.strftime("%Y%m%d-%H%M%S")
