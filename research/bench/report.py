@@ -353,6 +353,12 @@ def _grid(rows: Sequence[dict]):
     return fig, axes, losses
 
 
+def _series(rows: Sequence[dict], loss: str, mode: str, impl: str, dtype: str) -> list[dict]:
+    """The rows of one plotted line: one loss, mode, implementation and dtype."""
+    key = (loss, mode, impl, dtype)
+    return [r for r in rows if (r["loss"], r["mode"], r["implementation"], r["dtype"]) == key]
+
+
 def plot_time_vs_size(path: Path, rows: Sequence[dict], refs: Sequence[dict]) -> None:
     fig, axes, losses = _grid(rows)
     for i, loss in enumerate(losses):
@@ -360,12 +366,7 @@ def plot_time_vs_size(path: Path, rows: Sequence[dict], refs: Sequence[dict]) ->
             ax = axes[i, j]
             for impl in IMPLEMENTATIONS:
                 for dtype, style in _STYLES.items():
-                    sel = [
-                        r
-                        for r in rows
-                        if (r["loss"], r["mode"], r["implementation"], r["dtype"])
-                        == (loss, mode, impl, dtype)
-                    ]
+                    sel = _series(rows, loss, mode, impl, dtype)
                     if not sel:
                         continue
                     sel.sort(key=lambda r: r["elements"])
@@ -432,10 +433,8 @@ def plot_fraction_of_limit(path: Path, rows: Sequence[dict]) -> None:
                 for dtype, style in _STYLES.items():
                     sel = [
                         r
-                        for r in rows
-                        if (r["loss"], r["mode"], r["implementation"], r["dtype"])
-                        == (loss, mode, impl, dtype)
-                        and r.get("fraction_of_limit") is not None
+                        for r in _series(rows, loss, mode, impl, dtype)
+                        if r.get("fraction_of_limit") is not None
                     ]
                     if not sel:
                         continue
