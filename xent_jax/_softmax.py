@@ -3,12 +3,14 @@
 How the work is laid out (it decides the speed; measured in ``research/benchmark.py``, figures in
 ``BENCHMARKS.md``):
 
-* **One reduction pass over the logits** in the common case. The log-normaliser is computed
-  around a *hint*, the label logit (integer labels) or the target-weighted mean logit (dense
-  labels), instead of the row maximum. ``sum_c exp(z_c - hint)`` is then at least about 1 (the
-  hint's own class contributes ``exp(0)``), so nothing underflows, and it overflows only when the
-  loss of that example exceeds about 80 nats. With the label logit as the hint the loss is
-  ``log(sum_c exp(z_c - z_y))`` itself, with no cancellation. If any row of the batch is out of
+* **One reduction pass over the logits** in the common case, with no per-element shift. The
+  log-normaliser is taken relative to a *hint*, the label logit (integer labels) or the
+  target-weighted mean logit (dense labels), instead of the row maximum:
+  ``sum_c exp(z_c - hint)`` is computed as ``exp(-hint) * sum_c exp(z_c)`` (on XLA:CPU the
+  broadcast subtraction inside the pass costs about 30% of it). The product is at least about 1
+  (the hint's own class), and with the label logit as the hint the loss is its logarithm, with
+  no cancellation against a large log-normaliser. The fast path is used while every row's raw
+  sum and scale are normal numbers (logits within about +-80 in float32); if any row is out of
   range, or holds ``-inf``, ``+inf`` or NaN, the whole batch is recomputed the careful way (max
   shift, availability masks) under ``lax.cond``; values agree to rounding either way.
 * **One elementwise pass for the gradient.** The per-row statistics come from ``jax.custom_jvp``
@@ -29,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
@@ -96,6 +99,22 @@ def _sum_exp_around(z: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(z - shift[..., None]), axis=-1)
 
 
+def _scaled_sum_exp(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(``sum_c exp(z_c - hint)``, whether it is exact to rounding) without shifting every element.
+
+    Computed as ``exp(-hint) * sum_c exp(z_c)``: each term of the raw sum carries the same
+    relative rounding as a shifted one while both factors are normal numbers. A raw sum below
+    ``sqrt(tiny)`` could be dominated by subnormal terms, so such rows are reported unusable
+    (as are overflow, NaN and a scale outside the normal range).
+    """
+    raw = jnp.sum(jnp.exp(z), axis=-1)
+    scale = jnp.exp(-hint)
+    info = jnp.finfo(raw.dtype)
+    usable = (raw >= np.sqrt(info.tiny)) & (raw <= info.max)
+    usable = usable & (scale >= info.tiny) & (scale <= info.max)
+    return raw * scale, usable
+
+
 def _in_range(total: jax.Array) -> jax.Array:
     """Whether a shifted sum of exponentials is usable (False for NaN too)."""
     return (total >= _MIN_SUM) & (total <= jnp.finfo(total.dtype).max)
@@ -131,21 +150,34 @@ def _careful_lse(given: jax.Array) -> jax.Array:
     return jnp.where(empty, -jnp.inf, jnp.log(total) + shift)
 
 
-def _smoothing_fast(z, hint, offset, weights):
-    """(smooth, smooth_weight, num_available, finite) assuming every class is available."""
-    num_classes = z.shape[-1]
-    # Around -hint, not hint: a broadcast shared with the sum of exponentials would be
-    # materialised as a full array by XLA:CPU instead of being fused into both reductions.
+def _centred_class_sum(given: jax.Array, hint: jax.Array, weights) -> jax.Array:
+    """``sum_c w_c (hint - z_c)`` from the caller's logits (any float dtype)."""
+    if weights is None and given.dtype == jnp.bfloat16:
+        # XLA:CPU writes out a float32 copy of a bfloat16 input that two reductions upcast; a
+        # bfloat16 dot with float32 accumulation reads it in place instead. Eight columns, not
+        # one: YNNPACK takes matrix-matrix products only (a vector product is ~4x slower).
+        ones = jnp.ones((given.shape[-1], 8), given.dtype)
+        class_sum = jnp.dot(given, ones, preferred_element_type=jnp.float32)[..., 0]
+        return given.shape[-1] * hint - class_sum.astype(hint.dtype)
+    z = _upcast_alias(given, _SMOOTHING)
+    # Around -hint, not hint: a broadcast shared with another pass would be materialised as a
+    # full array by XLA:CPU instead of being fused into the reduction.
     centred = -(z + (-hint)[..., None])
+    return jnp.sum(centred if weights is None else weights * centred, axis=-1)
+
+
+def _smoothing_fast(given, hint, offset, weights):
+    """(smooth, smooth_weight, num_available, finite) assuming every class is available."""
+    num_classes = given.shape[-1]
+    dtype = offset.dtype
+    centred_sum = _centred_class_sum(given, hint, weights)
     if weights is None:
-        centred_sum = jnp.sum(centred, axis=-1)
-        smooth_weight = jnp.full(offset.shape, num_classes, z.dtype)
+        smooth_weight = jnp.full(offset.shape, num_classes, dtype)
     else:
-        centred_sum = jnp.sum(weights * centred, axis=-1)
         smooth_weight = jnp.broadcast_to(jnp.sum(weights), offset.shape)
     # sum_c w_c (lse - z_c) with lse = offset + hint, taken around the hint for accuracy.
     smooth = offset * smooth_weight + centred_sum
-    num_available = jnp.full(offset.shape, num_classes, z.dtype)
+    num_available = jnp.full(offset.shape, num_classes, dtype)
     # A -inf, +inf or NaN logit anywhere makes the centred sum non-finite.
     return (smooth, smooth_weight, num_available), jnp.isfinite(centred_sum)
 
@@ -241,14 +273,12 @@ def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows
     # materialised in full.
     given, z = z, _upcast(z)
     hint = _finite_or_zero(label_logits)
-    total = _sum_exp_around(z, hint)
+    total, usable = _scaled_sum_exp(z, hint)
     offset = jnp.log(total)
-    ok = _in_range(total)
+    ok = _in_range(total) & usable
     if smoothing:
-        # A half-precision input is upcast again from an alias (see _upcast_alias).
-        smooth_parts, finite = _smoothing_fast(
-            _upcast_alias(given, _SMOOTHING), hint, offset, weights
-        )
+        # A half-precision input is read again through an alias (see _centred_class_sum).
+        smooth_parts, finite = _smoothing_fast(given, hint, offset, weights)
         ok = ok & finite
 
     def fast():
@@ -329,15 +359,13 @@ def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
     dot = jnp.sum(targets * z, axis=-1)
     # The target-weighted mean logit: sum_c t_c (z_c - hint) = 0, so nll = mass * offset.
     hint = _finite_or_zero(jnp.where(mass > 0, dot / jnp.where(mass > 0, mass, 1), 0))
-    total = _sum_exp_around(z, hint)
+    total, usable = _scaled_sum_exp(z, hint)
     offset = jnp.log(total)
     # A zero target on a -inf logit makes ``dot`` NaN: the careful path gives it no weight.
-    ok = _in_range(total) & jnp.isfinite(dot) & jnp.isfinite(mass)
+    ok = _in_range(total) & usable & jnp.isfinite(dot) & jnp.isfinite(mass)
     if smoothing:
-        # A half-precision input is upcast again from an alias (see _upcast_alias).
-        smooth_parts, finite = _smoothing_fast(
-            _upcast_alias(given[0], _SMOOTHING), hint, offset, weights
-        )
+        # A half-precision input is read again through an alias (see _centred_class_sum).
+        smooth_parts, finite = _smoothing_fast(given[0], hint, offset, weights)
         ok = ok & finite
 
     def fast():
