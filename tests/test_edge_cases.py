@@ -445,3 +445,63 @@ def test_bfloat16_large_vocabulary_accurate_where_optax_is_not():
     theirs_error = np.abs(np.asarray(theirs, np.float64) - reference)
     assert np.max(theirs_error) > 0.02
     assert np.max(theirs_error / reference) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Edges of the unshifted fast path (sum of exp(z) scaled by exp(-hint), see _softmax.py).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [0.0, 70.0, 87.0, 89.0, 100.0, -87.0, -89.0, -100.0],
+    ids=lambda o: f"logits{o:+g}",
+)
+def test_float32_logits_near_the_exp_range_match_float64(offset):
+    # Around +-88 the raw sum of exp(z) overflows or turns subnormal in float32: those batches
+    # must take the careful path and still agree with float64, values and gradients.
+    from tests import reference
+
+    rng = np.random.default_rng(11)
+    z = (offset + 3.0 * rng.normal(size=(6, 40))).astype(np.float32)
+    labels = rng.integers(0, 40, 6)
+    soft = rng.dirichlet(np.ones(40), 6).astype(np.float32)
+    z64 = z.astype(np.float64)
+    for fn, target, expected in [
+        (
+            xent_jax.softmax_cross_entropy_with_integer_labels,
+            labels,
+            reference.softmax_cross_entropy_with_integer_labels(z64, labels),
+        ),
+        (xent_jax.softmax_cross_entropy, soft, reference.softmax_cross_entropy(z64, soft)),
+    ]:
+        value, grad = jax.value_and_grad(lambda x, fn=fn, t=target: fn(x, t).sum())(z)
+        assert np.isfinite(value)
+        assert_close(value, expected.sum())
+        p = np.exp(z64 - _lse64(z64)[:, None])
+        t = np.eye(40)[labels] if target is labels else soft.astype(np.float64)
+        expected_grad = p * t.sum(-1, keepdims=True) - t
+        # float32 cannot hold z - lse better than the spacing of numbers of the logits' size,
+        # so p carries that absolute error (the same for any float32 implementation).
+        spacing = float(np.spacing(np.float32(np.abs(z).max())))
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=8 * spacing + 1e-6)
+
+
+@pytest.mark.parametrize("weights", [None, "class"], ids=["unweighted", "class_weights"])
+def test_bfloat16_label_smoothing_matches_float64_of_same_values(weights):
+    # bfloat16 + label smoothing reads the class sum through a bf16 dot (no float32 copy).
+    from tests import reference
+
+    rng = np.random.default_rng(12)
+    logits = jnp.asarray(20.0 + 4.0 * rng.normal(size=(16, 300)), jnp.bfloat16)
+    labels = rng.integers(0, 300, 16)
+    class_weights = None if weights is None else rng.uniform(0.5, 2.0, 300).astype(np.float32)
+    up = np.asarray(logits.astype(jnp.float32), np.float64)
+    expected = reference.softmax_cross_entropy_with_integer_labels(
+        up, labels, label_smoothing=0.1, class_weights=class_weights
+    )
+    got = xent_jax.softmax_cross_entropy_with_integer_labels(
+        logits, labels, label_smoothing=0.1, class_weights=class_weights
+    )
+    assert got.dtype == jnp.float32
+    assert_close(got, expected)
