@@ -100,19 +100,20 @@ def _sum_exp_around(z: jax.Array, shift: jax.Array) -> jax.Array:
 
 
 def _scaled_sum_exp(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(``sum_c exp(z_c - hint)``, whether it is exact to rounding) without shifting every element.
+    """(``sum_c exp(z_c - hint)``, whether the fast path may use it) without shifting every element.
 
     Computed as ``exp(-hint) * sum_c exp(z_c)``: each term of the raw sum carries the same
     relative rounding as a shifted one while both factors are normal numbers. A raw sum below
     ``sqrt(tiny)`` could be dominated by subnormal terms, so such rows are reported unusable
-    (as are overflow, NaN and a scale outside the normal range).
+    (as are overflow, NaN, a scale outside the normal range and a product out of range).
     """
     raw = jnp.sum(jnp.exp(z), axis=-1)
     scale = jnp.exp(-hint)
+    total = raw * scale
     info = jnp.finfo(raw.dtype)
     usable = (raw >= np.sqrt(info.tiny)) & (raw <= info.max)
-    usable = usable & (scale >= info.tiny) & (scale <= info.max)
-    return raw * scale, usable
+    usable = usable & (scale >= info.tiny) & (scale <= info.max) & _in_range(total)
+    return total, usable
 
 
 def _in_range(total: jax.Array) -> jax.Array:
@@ -158,7 +159,7 @@ def _centred_class_sum(given: jax.Array, hint: jax.Array, weights) -> jax.Array:
         # one: YNNPACK takes matrix-matrix products only (a vector product is ~4x slower).
         ones = jnp.ones((given.shape[-1], 8), given.dtype)
         class_sum = jnp.dot(given, ones, preferred_element_type=jnp.float32)[..., 0]
-        return given.shape[-1] * hint - class_sum.astype(hint.dtype)
+        return given.shape[-1] * hint - class_sum
     z = _upcast_alias(given, _SMOOTHING)
     # Around -hint, not hint: a broadcast shared with another pass would be materialised as a
     # full array by XLA:CPU instead of being fused into the reduction.
@@ -273,9 +274,8 @@ def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows
     # materialised in full.
     given, z = z, _upcast(z)
     hint = _finite_or_zero(label_logits)
-    total, usable = _scaled_sum_exp(z, hint)
+    total, ok = _scaled_sum_exp(z, hint)
     offset = jnp.log(total)
-    ok = _in_range(total) & usable
     if smoothing:
         # A half-precision input is read again through an alias (see _centred_class_sum).
         smooth_parts, finite = _smoothing_fast(given, hint, offset, weights)
@@ -359,10 +359,10 @@ def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
     dot = jnp.sum(targets * z, axis=-1)
     # The target-weighted mean logit: sum_c t_c (z_c - hint) = 0, so nll = mass * offset.
     hint = _finite_or_zero(jnp.where(mass > 0, dot / jnp.where(mass > 0, mass, 1), 0))
-    total, usable = _scaled_sum_exp(z, hint)
+    total, ok = _scaled_sum_exp(z, hint)
     offset = jnp.log(total)
     # A zero target on a -inf logit makes ``dot`` NaN: the careful path gives it no weight.
-    ok = _in_range(total) & usable & jnp.isfinite(dot) & jnp.isfinite(mass)
+    ok = ok & jnp.isfinite(dot) & jnp.isfinite(mass)
     if smoothing:
         # A half-precision input is read again through an alias (see _centred_class_sum).
         smooth_parts, finite = _smoothing_fast(given[0], hint, offset, weights)
