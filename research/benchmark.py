@@ -103,6 +103,21 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def memory_budget_bytes(fraction: float) -> float:
+    """``fraction`` of the memory the inputs live in: the device's on a GPU/TPU, else the host's.
+
+    With PyTorch on the same GPU, both frameworks allocate from the same device memory (JAX does
+    not preallocate it in this script, see ``cli``).
+    """
+    limit = None
+    if jax.default_backend() != "cpu":
+        try:
+            limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        except Exception:
+            limit = None
+    return fraction * (limit or available_memory_bytes())
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -124,6 +139,7 @@ def environment(config: Any, argv: list[str]) -> dict[str, Any]:
         "xent_jax": getattr(xent_jax, "__version__", "?"),
         "numpy": np.__version__,
         "torch": cases.torch_version(),
+        "torch_device": cases.torch_device() if cases.torch_module() is not None else None,
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "num_devices": len(devices),
@@ -179,7 +195,13 @@ def build_runners(
         elif impl == "torch":
             if mode not in torch_inputs:
                 torch_inputs[mode] = cases.torch_inputs(group, inputs, mode)
-            runner = torch_runner(impl, mode, cases.torch_function(group, mode), torch_inputs[mode])
+            runner = torch_runner(
+                impl,
+                mode,
+                cases.torch_function(group, mode),
+                torch_inputs[mode],
+                cases.torch_synchronize(),
+            )
         else:
             runner = jax_runner(impl, mode, cases.jax_function(group, impl, mode, options), inputs)
         runners[runner.key] = runner
@@ -242,7 +264,7 @@ def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dic
             planned = plans[group]
             count = cases.num_inputs(group, config.rotation_mib * 2**20, config.max_inputs)
             needed = group.working_set_bytes(count, torch is not None)
-            budget = config.memory_fraction * available_memory_bytes()
+            budget = memory_budget_bytes(config.memory_fraction)
             if needed > budget:
                 reason = f"needs ~{needed / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB"
                 skipped.append({"group": group.label, "reason": reason})
@@ -263,6 +285,8 @@ def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dic
                 repeats=config.repeats,
                 warmup=config.warmup,
                 seed=config.seed,
+                batch_s=0.0 if backend == "cpu" else config.accelerator_batch_ms / 1e3,
+                max_calls=config.max_calls_per_repeat,
                 on_call=lambda: bar.update(1),
             )
             peak = device_peak_bytes()
@@ -345,6 +369,9 @@ def rebuild(workdir: str | Path) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # On a GPU, JAX would otherwise take 75% of the device memory at start-up, leaving PyTorch
+    # (timed on the same device) too little; the memory guard reads the device's limit instead.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if argv[:1] == ["--rebuild"] and len(argv) == 2:
         rebuild(argv[1])
         print(f"benchmark: outputs rebuilt in {argv[1]}")

@@ -380,6 +380,45 @@ def test_errors_name_the_argument():
         fused(x, w, y, block_size_vocab=0)
     with pytest.raises(TypeError, match="label_smoothing"):
         jax.jit(lambda e: fused(x, w, y, label_smoothing=e))(0.1)
+    with pytest.raises(ValueError, match="precision must be"):
+        fused(x, w, y, precision="exact")
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every dot_general in a jaxpr, nested jaxprs (loops, custom VJPs)
+    included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found.extend(_dot_precisions(inner))
+    return found
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_precision_reaches_every_product(reduction):
+    x, w, _, y = _data()
+
+    # "mean" takes the single-pass path (loss and gradients in one pass), "none" the two-pass
+    # one: both must carry the precision into x @ w and the two gradient products.
+    def dots(**kw):
+        loss = lambda x, w: jnp.sum(fused(x, w, y, reduction=reduction, **kw))
+        return _dot_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr)
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    # Inside a reduced-precision default: the explicit argument wins, and without it the
+    # products follow the default exactly as a plain x @ w does.
+    with jax.default_matmul_precision("bfloat16"):
+        chosen = dots(precision="highest")
+        default = dots()
+        plain = _dot_precisions(jax.make_jaxpr(jnp.dot)(x, w).jaxpr)
+    assert len(chosen) >= 3 and all(p == highest for p in chosen), chosen
+    assert plain[0] != highest
+    assert len(default) == len(chosen) and all(p == plain[0] for p in default), default
 
 
 def test_empty_batch():

@@ -373,9 +373,9 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
       >>> labels = jnp.array([0, 1])
       >>> xent_jax.vocab_parallel_softmax_cross_entropy_with_integer_labels(
       ...     logits, labels, mesh=mesh, vocab_axis="model")
-      Array([0.44931, 0.28384], dtype=float32)
+      Array([0.44931..., 0.28384...], dtype=float32)
       >>> xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      Array([0.44931, 0.28384], dtype=float32)
+      Array([0.44931..., 0.28384...], dtype=float32)
     """
     z = v.as_float_array("logits", logits)
     if z.ndim == 0:

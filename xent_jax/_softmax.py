@@ -13,6 +13,10 @@ How the work is laid out (it decides the speed; measured in ``research/benchmark
   sum and scale are normal numbers (logits within about +-80 in float32); if any row is out of
   range, or holds ``-inf``, ``+inf`` or NaN, the whole batch is recomputed the careful way (max
   shift, availability masks) under ``lax.cond``; values agree to rounding either way.
+* **Per platform.** That is the CPU's formulation (and every platform's for half-precision
+  logits). On GPUs and TPUs, float32 / float64 logits take the one-pass max-and-sum reduction of
+  ``xent_jax._online`` instead (XLA:GPU evaluates both branches of the ``lax.cond`` above, i.e.
+  reads the logits twice); ``lax.platform_dependent`` compiles only the chosen one.
 * **One elementwise pass for the gradient.** The per-row statistics come from ``jax.custom_jvp``
   functions whose tangent is ``sum(g * dz)`` with ``g`` built from ``exp(z - lse)`` recomputed
   from the logits. Transposed by ``jax.grad`` that is a single fused pass that writes ``ct * g``
@@ -27,6 +31,7 @@ How the work is laid out (it decides the speed; measured in ``research/benchmark
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -35,11 +40,12 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from xent_jax import _sharded
+from xent_jax import _online, _sharded
 from xent_jax import _validation as v
 from xent_jax._labels import prepare_integer_labels
 from xent_jax._logits import combine_masks, prepare_logits, smoothing_is_on
 from xent_jax._numerics import fast_or_careful
+from xent_jax._online import by_platform
 from xent_jax._reduction import reduce_loss
 
 # A row whose shifted sum of exponentials falls below this (or is not finite) sends the batch to
@@ -265,14 +271,11 @@ def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
 
 
-@jax.custom_jvp
-def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows:
-    """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes)."""
-    smoothing = options.label_smoothing is not None
-    label_logits = _label_logits(z, labels)
+def _integer_statistics_cpu(given, label_logits, weights, smoothing: bool):
+    """(nll, lse, smooth, smooth_weight, num_available): hinted fast path, careful fallback."""
     # The careful branch upcasts for itself: a float32 copy passed into ``lax.cond`` would be
     # materialised in full.
-    given, z = z, _upcast(z)
+    z = _upcast(given)
     hint = _finite_or_zero(label_logits)
     total, ok = _scaled_sum_exp(z, hint)
     offset = jnp.log(total)
@@ -294,7 +297,23 @@ def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows
         z = _upcast_alias(given, _CAREFUL_SUMS)
         return nll, lse, *_smoothing_careful(z, lse, weights)
 
-    nll, lse, smooth, smooth_weight, num_available = fast_or_careful(jnp.all(ok), fast, careful)
+    return fast_or_careful(jnp.all(ok), fast, careful)
+
+
+@jax.custom_jvp
+def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows:
+    """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes)."""
+    smoothing = options.label_smoothing is not None
+    label_logits = _label_logits(z, labels)
+    hinted = functools.partial(_integer_statistics_cpu, smoothing=smoothing)
+    one_pass = functools.partial(_online.integer_statistics, smoothing=smoothing)
+    nll, lse, smooth, smooth_weight, num_available = by_platform(
+        hinted,
+        one_pass if _online.pays_off(z.dtype) else hinted,
+        z,
+        label_logits,
+        weights,
+    )
     loss = _combine(nll, lse, smooth, num_available, label_weights, options)
     return _Rows(loss, lse, nll, smooth, smooth_weight, num_available, jnp.ones_like(nll))
 
@@ -349,12 +368,10 @@ _integer_rows.defjvp(_integer_rows_jvp, symbolic_zeros=True)
 # --------------------------------------------------------------------------------------------
 
 
-@jax.custom_jvp
-def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
-    """Per-row loss for dense targets (class weights already applied to them)."""
-    smoothing = options.label_smoothing is not None
-    given = z, targets
-    z, targets = _upcast(z), targets.astype(v.compute_dtype(z.dtype))
+def _dense_statistics_cpu(given_z, given_targets, weights, smoothing: bool):
+    """(nll, lse, smooth, smooth_weight, num_available, mass): hinted fast path, careful
+    fallback."""
+    z, targets = _upcast(given_z), given_targets.astype(v.compute_dtype(given_z.dtype))
     mass = jnp.sum(targets, axis=-1)
     dot = jnp.sum(targets * z, axis=-1)
     # The target-weighted mean logit: sum_c t_c (z_c - hint) = 0, so nll = mass * offset.
@@ -365,7 +382,7 @@ def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
     ok = ok & jnp.isfinite(dot) & jnp.isfinite(mass)
     if smoothing:
         # A half-precision input is read again through an alias (see _centred_class_sum).
-        smooth_parts, finite = _smoothing_fast(given[0], hint, offset, weights)
+        smooth_parts, finite = _smoothing_fast(given_z, hint, offset, weights)
         ok = ok & finite
 
     def fast():
@@ -373,10 +390,10 @@ def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
         return nll, offset + hint, *(smooth_parts if smoothing else _no_smoothing(nll))
 
     def careful():
-        # The careful branch upcasts for itself (see _integer_rows).
-        lse = _careful_lse(given[0])
-        z = _upcast_alias(given[0], _CAREFUL_SUMS)
-        targets = _upcast_alias(given[1], _CAREFUL_SUMS)
+        # The careful branch upcasts for itself (see _integer_statistics_cpu).
+        lse = _careful_lse(given_z)
+        z = _upcast_alias(given_z, _CAREFUL_SUMS)
+        targets = _upcast_alias(given_targets, _CAREFUL_SUMS)
         log_probs = z - _lse_or_zero(lse)[..., None]
         # 0 * log 0 = 0: a class without target mass never contributes, even at a -inf logit.
         nll = -_row_sums(jnp.where(targets == 0, 0, targets * log_probs), targets)[0]
@@ -384,7 +401,22 @@ def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
             return nll, lse, *_no_smoothing(nll)
         return nll, lse, *_smoothing_careful(z, lse, weights)
 
-    nll, lse, smooth, smooth_weight, num_available = fast_or_careful(jnp.all(ok), fast, careful)
+    return (*fast_or_careful(jnp.all(ok), fast, careful), mass)
+
+
+@jax.custom_jvp
+def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
+    """Per-row loss for dense targets (class weights already applied to them)."""
+    smoothing = options.label_smoothing is not None
+    hinted = functools.partial(_dense_statistics_cpu, smoothing=smoothing)
+    one_pass = functools.partial(_online.dense_statistics, smoothing=smoothing)
+    nll, lse, smooth, smooth_weight, num_available, mass = by_platform(
+        hinted,
+        one_pass if _online.pays_off(z.dtype) else hinted,
+        z,
+        targets,
+        weights,
+    )
     loss = _combine(nll, lse, smooth, num_available, None, options)
     return _Rows(loss, lse, nll, smooth, smooth_weight, num_available, mass)
 
@@ -579,7 +611,7 @@ def softmax_cross_entropy_with_integer_labels(
       >>> import xent_jax
       >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.0]])
       >>> xent_jax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
-      Array([0.41703, 0.19673], dtype=float32)
+      Array([0.41703..., 0.19673...], dtype=float32)
       >>> xent_jax.softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
       Array(0.41703, dtype=float32)

@@ -259,9 +259,20 @@ def torch_version() -> str | None:
     return None if torch is None else torch.__version__
 
 
-def torch_inputs(group: Group, inputs: list[tuple[jax.Array, ...]], mode: str) -> list[tuple]:
-    """The same numbers as torch CPU tensors (the differentiated ones require grad)."""
+def torch_device() -> str:
+    """``"cuda"`` when JAX runs on a GPU and PyTorch sees one too, else ``"cpu"``: PyTorch is timed
+    on the device the JAX implementations run on."""
     torch = torch_module()
+    if torch is not None and jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def torch_inputs(group: Group, inputs: list[tuple[jax.Array, ...]], mode: str) -> list[tuple]:
+    """The same numbers as torch tensors on ``torch_device()`` (the differentiated ones require
+    grad)."""
+    torch = torch_module()
+    device = torch_device()
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[group.dtype]
     converted = []
     with warnings.catch_warnings():
@@ -270,9 +281,9 @@ def torch_inputs(group: Group, inputs: list[tuple[jax.Array, ...]], mode: str) -
             out = []
             for j, array in enumerate(item):
                 if jnp.issubdtype(array.dtype, jnp.integer):
-                    out.append(torch.from_numpy(np.asarray(array).astype(np.int64)))
+                    out.append(torch.from_numpy(np.asarray(array).astype(np.int64)).to(device))
                     continue
-                tensor = torch.from_numpy(np.array(array.astype(jnp.float32))).to(tdtype)
+                tensor = torch.from_numpy(np.array(array.astype(jnp.float32))).to(device, tdtype)
                 differentiated = j in ((0, 1) if group.linear else (0,))
                 out.append(tensor.requires_grad_(mode == "fwd_bwd" and differentiated))
             converted.append(tuple(out))
@@ -306,3 +317,10 @@ def torch_function(group: Group, mode: str) -> Callable | None:
         return torch.autograd.grad(loss(*args), wrt)
 
     return forward_backward
+
+
+def torch_synchronize() -> Callable[[], Any]:
+    """Waits for PyTorch's queued CUDA kernels (as ``block_until_ready`` does for JAX)."""
+    if torch_device() == "cuda":
+        return torch_module().cuda.synchronize
+    return lambda: None

@@ -59,6 +59,7 @@ def group_rows(group: Group, runners: Mapping[str, Runner], backend: str) -> lis
             "elements": group.elements,
             "implementation": runner.name,
             "repeats": len(runner.wall),
+            "calls_per_repeat": runner.calls_per_repeat,
             "compile_s": runner.compile_s,
             "time_ms": time_ms,
             "time_q25_ms": wall["q25"],
@@ -132,6 +133,7 @@ def reference_rows(group: Group, runners: Mapping[str, Runner]) -> list[dict]:
             "shape": shape_text(group.shape),
             "kernel": runner.name,
             "time_ms": ms,
+            "calls_per_repeat": runner.calls_per_repeat,
             "compile_s": runner.compile_s,
         }
         if runner.name == "(copy)":

@@ -1,8 +1,14 @@
 """Compiling (timed on its own), warm-up, and interleaved repeats of wall and CPU time.
 
-Every runner of a group is called once within each repeat, in a random order, so that all of
+Every runner of a group is timed once within each repeat, in a random order, so that all of
 them see the same machine load; each call uses the next of several pre-generated input sets and
 ends with ``block_until_ready``.
+
+On an accelerator, one timed call would also count the host's dispatch and the wait for the
+result (tens of microseconds, ~10% of a millisecond kernel). There a repeat launches
+``calls_per_repeat`` calls back to back (each on the next input set; the device runs them in
+order while the host queues the next) and waits for the last one only: the time per call is the
+repeat's time over the number of calls, which is the device's time once the queue is full.
 """
 
 from __future__ import annotations
@@ -16,21 +22,43 @@ import jax
 import numpy as np
 
 
+def _no_wait(result: Any) -> Any:
+    return result
+
+
 @dataclass
 class Runner:
-    """One timed thing: an implementation in one mode, or a reference kernel (``mode=None``)."""
+    """One timed thing: an implementation in one mode, or a reference kernel (``mode=None``).
+
+    ``launch(i)`` starts a call on input set ``i`` and may return before the device is done;
+    ``wait(result)`` blocks until that result is ready.
+    """
 
     name: str
     mode: str | None
-    call: Callable[[int], Any]
+    launch: Callable[[int], Any]
+    wait: Callable[[Any], Any] = _no_wait
     compile_s: float | None = None
     memory: dict[str, int] = field(default_factory=dict)
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    calls_per_repeat: int = 1
 
     @property
     def key(self) -> str:
         return self.name if self.mode is None else f"{self.name}|{self.mode}"
+
+    def call(self, i: int) -> Any:
+        """One call on input set ``i``, waited for."""
+        return self.wait(self.launch(i))
+
+    def calls(self, first: int, count: int) -> None:
+        """``count`` calls on consecutive input sets, launched back to back, the last waited for
+        (the device runs them in order). Only the newest result is kept alive."""
+        result = None
+        for j in range(count):
+            result = self.launch(first + j)
+        self.wait(result)
 
 
 def memory_of(compiled: Any) -> dict[str, int]:
@@ -66,19 +94,34 @@ def jax_runner(name: str, mode: str | None, fn: Callable, inputs: Sequence[tuple
     compiled = jax.jit(fn).lower(*inputs[0]).compile()
     compile_s = time.perf_counter() - start
 
-    def call(i: int):
-        return jax.block_until_ready(compiled(*inputs[i % len(inputs)]))
+    def launch(i: int):
+        return compiled(*inputs[i % len(inputs)])
 
-    return Runner(name, mode, call, compile_s, memory_of(compiled))
+    return Runner(name, mode, launch, jax.block_until_ready, compile_s, memory_of(compiled))
 
 
-def torch_runner(name: str, mode: str, fn: Callable, inputs: Sequence[tuple]) -> Runner:
-    """PyTorch runs eagerly: nothing to compile (compile time is reported as absent)."""
+def torch_runner(
+    name: str, mode: str, fn: Callable, inputs: Sequence[tuple], synchronize: Callable[[], Any]
+) -> Runner:
+    """PyTorch runs eagerly: nothing to compile (compile time is reported as absent).
+    ``synchronize`` waits for the device (``torch.cuda.synchronize``; nothing on CPU)."""
 
-    def call(i: int):
+    def launch(i: int):
         return fn(*inputs[i % len(inputs)])
 
-    return Runner(name, mode, call, None, {})
+    def wait(result):
+        synchronize()
+        return result
+
+    return Runner(name, mode, launch, wait, None, {})
+
+
+def calls_for(runner: Runner, first: int, target_s: float, max_calls: int) -> int:
+    """Calls per repeat that make a repeat last about ``target_s`` (from one waited call)."""
+    start = time.perf_counter()
+    runner.call(first)
+    single = max(time.perf_counter() - start, 1e-9)
+    return int(min(max(1, round(target_s / single)), max_calls))
 
 
 def time_interleaved(
@@ -87,13 +130,17 @@ def time_interleaved(
     repeats: int,
     warmup: int,
     seed: int = 0,
+    batch_s: float = 0.0,
+    max_calls: int = 1,
     on_call: Callable[[], None] = lambda: None,
 ) -> None:
     """Fills ``runner.wall`` and ``runner.cpu`` (seconds per call) for every runner.
 
-    Each repeat calls every runner once, in a fresh random order (so that no runner always
+    Each repeat times every runner once, in a fresh random order (so that no runner always
     follows the same one). PyTorch runners form a block of their own after the JAX ones: their
-    OpenMP threads keep spinning after a call and would slow down whatever XLA runs next.
+    OpenMP threads keep spinning after a call and would slow down whatever XLA runs next. With
+    ``batch_s > 0`` (accelerators) a runner's repeat is ``calls_per_repeat`` back-to-back calls
+    lasting about ``batch_s`` in all (at most ``max_calls``), set after the warm-up.
     """
     blocks = [
         [r for r in runners if r.name != "torch"],
@@ -105,16 +152,20 @@ def time_interleaved(
             for k, runner in enumerate(block):
                 runner.call(w + k)
                 on_call()
+    if batch_s > 0:
+        for k, runner in enumerate(runners):
+            runner.calls_per_repeat = calls_for(runner, warmup + k, batch_s, max_calls)
     for r in range(repeats):
         for block in blocks:
             for k in rng.permutation(len(block)):
                 runner = block[k]
-                index = warmup + r + int(k)
+                count = runner.calls_per_repeat
+                index = (warmup + r + int(k)) * count
                 cpu_start = time.process_time()
                 start = time.perf_counter()
-                runner.call(index)
-                runner.wall.append(time.perf_counter() - start)
-                runner.cpu.append(time.process_time() - cpu_start)
+                runner.calls(index, count)
+                runner.wall.append((time.perf_counter() - start) / count)
+                runner.cpu.append((time.process_time() - cpu_start) / count)
                 on_call()
 
 

@@ -45,6 +45,21 @@ def _static_float(name: str, value) -> float:
     return float(value)
 
 
+def _check_precision(precision) -> jax.lax.Precision | None:
+    """``None``, a ``jax.lax.Precision`` or its name (``"highest"``, ``"float32"``, ...)."""
+    if precision is None or isinstance(precision, jax.lax.Precision):
+        return precision
+    if isinstance(precision, str):
+        try:
+            return jax.lax.Precision(precision)
+        except ValueError:
+            pass
+    raise ValueError(
+        "precision must be None, a jax.lax.Precision or one of 'default', 'high', 'highest' "
+        f"(or 'bfloat16', 'tensorfloat32', 'float32'), got {precision!r}."
+    )
+
+
 def _check_block(name: str, value: int | None) -> None:
     """Refuses a block size that is neither ``None`` nor a positive integer."""
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
@@ -81,6 +96,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     logit_softcap: float | None = None,
     reduction: v.Reduction = "none",
     return_aux: bool = False,
+    precision: str | jax.lax.Precision | None = None,
     block_size_tokens: int | None = None,
     block_size_vocab: int | None = None,
     mesh: Any = None,
@@ -130,6 +146,11 @@ def linear_softmax_cross_entropy_with_integer_labels(
         the summed :math:`w_y` of the valid tokens; 0.0 when there are none).
       return_aux: also return a :class:`LinearCrossEntropyAux` (per-token logsumexp and
         argmax, and the accuracy), computed in the same pass; aux outputs carry no gradient.
+      precision: precision of the matrix products (``x @ w`` and the two gradient products),
+        as in ``jnp.dot``: ``None`` follows ``jax.default_matmul_precision`` like a plain
+        ``x @ w`` does. On GPUs and TPUs that default multiplies float32 inputs in reduced
+        precision (TF32 / bfloat16 passes, relative errors ~1e-4); pass ``"highest"`` for full
+        float32 products. No effect on CPU.
       block_size_tokens: at most this many tokens per block (default: as many as keep a block
         at 4M logits, up to 8192).
       block_size_vocab: at most this many classes per tile (default: the whole vocabulary up to
@@ -180,6 +201,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     cap = None if logit_softcap is None else _static_float("logit_softcap", logit_softcap)
     if cap is not None:
         v.check_nonnegative("logit_softcap", cap)
+    precision = _check_precision(precision)
     _check_block("block_size_tokens", block_size_tokens)
     _check_block("block_size_vocab", block_size_vocab)
     batch_shape, num_classes = x.shape[:-1], w.shape[1]
@@ -237,6 +259,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
         v_global=num_classes,
         vocab_axes=layout.vocab_axes or None,
         data_axes=layout.data_axes or None,
+        precision=precision,
     )
     call = _Call(
         plan=plan,

@@ -51,6 +51,7 @@ class _Plan:
     v_global: int  # classes in all (labels are checked against this)
     vocab_axes: tuple[str, ...] | None  # mesh axes the classes are split over (shard_map)
     data_axes: tuple[str, ...] | None  # mesh axes the tokens are split over (shard_map)
+    precision: Any = None  # jax.lax.Precision of the three products (None: JAX's default)
 
     @property
     def bn(self) -> int:

@@ -99,7 +99,9 @@ def _grad_pass(
                 plan, logits, masked_logits, mask, *coefs, labels, tile_classes, tile_class_weights
             )
             if dx4 is not None:
-                dx_i = jnp.dot(du, w_j_compute.T, preferred_element_type=plan.cdtype)
+                dx_i = jnp.dot(
+                    du, w_j_compute.T, preferred_element_type=plan.cdtype, precision=plan.precision
+                )
                 dx_i = dx_i.reshape(plan.pn, 1, plan.bc, d)
                 if single_i:
                     dx4 = dx4 + dx_i
@@ -108,7 +110,9 @@ def _grad_pass(
                     dx4 = lax.dynamic_update_slice_in_dim(dx4, old + dx_i, i, axis=1)
             if dw_j is not None:
                 xt_i = _xt_block(plan, xt4, i).astype(plan.cdtype)
-                dw_j = dw_j + jnp.dot(xt_i, du, preferred_element_type=plan.cdtype)
+                dw_j = dw_j + jnp.dot(
+                    xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision
+                )
             if db_j is not None:
                 db_j = db_j + jnp.sum(du, axis=0)
             return dx4, dw_j, db_j
@@ -188,12 +192,16 @@ def _strip_pass(plan: _Plan, inputs: _BlockedInputs, row_scale, need_dx: bool, n
             class_weights,
         )
         if dx4 is not None:
-            dx_i = jnp.dot(du, w_all_compute.T, preferred_element_type=plan.cdtype)
+            dx_i = jnp.dot(
+                du, w_all_compute.T, preferred_element_type=plan.cdtype, precision=plan.precision
+            )
             dx_i = dx_i.reshape(plan.pn, 1, plan.bc, d)
             dx4 = dx_i if single_i else lax.dynamic_update_slice_in_dim(dx4, dx_i, i, axis=1)
         if dw is not None:
             xt_i = _xt_block(plan, xt4, i).astype(plan.cdtype)
-            dw = dw + jnp.dot(xt_i, du, preferred_element_type=plan.cdtype)
+            dw = dw + jnp.dot(
+                xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision
+            )
         if db is not None:
             db = db + jnp.sum(du, axis=0)
         new = (rows.loss, rows.lse, rows.valid, stats.arg)

@@ -78,7 +78,7 @@ def _tile_mask(plan: _Plan, inputs: _BlockedInputs, i, j) -> jax.Array | None:
 def _tile_logits(plan: _Plan, inputs: _BlockedInputs, x_i: jax.Array, w_j: jax.Array, j, mask):
     """Returns (capped logits, masked capped logits) of one ``[bn, bv]`` tile."""
     # Accumulate in the compute dtype: bfloat16 / float16 products would lose the small terms.
-    raw_logits = jnp.dot(x_i, w_j, preferred_element_type=plan.cdtype)
+    raw_logits = jnp.dot(x_i, w_j, preferred_element_type=plan.cdtype, precision=plan.precision)
     return _transform_logits(plan, inputs, raw_logits, j, mask)
 
 
