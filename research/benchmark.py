@@ -118,6 +118,14 @@ def memory_budget_bytes(fraction: float) -> float:
     return fraction * (limit or available_memory_bytes())
 
 
+def queued_calls(group: Group, max_calls: int, spare_bytes: float) -> int:
+    """Calls that may be queued back to back (accelerators): the device frees a call's output
+    only once the call has run, so up to this many gradients (and temporaries of the logits'
+    size) are alive at once; they must fit in the memory the group's inputs leave spare."""
+    per_call = group.write_bytes("fwd_bwd") + group.elements * 4
+    return int(max(1, min(max_calls, spare_bytes // max(per_call, 1))))
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -286,7 +294,7 @@ def main(config: Any, workdir: str | Path, argv: list[str] | None = None) -> dic
                 warmup=config.warmup,
                 seed=config.seed,
                 batch_s=0.0 if backend == "cpu" else config.accelerator_batch_ms / 1e3,
-                max_calls=config.max_calls_per_repeat,
+                max_calls=queued_calls(group, config.max_calls_per_repeat, budget - needed),
                 on_call=lambda: bar.update(1),
             )
             peak = device_peak_bytes()

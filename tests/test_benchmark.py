@@ -221,6 +221,13 @@ def test_accelerator_batching_times_back_to_back_calls():
     assert plain.calls_per_repeat == 1 and len(plain.wall) == 3
 
 
+def test_queued_calls_fit_in_the_spare_memory():
+    group = cases.Group("softmax_int", "float32", (8192, 32768))  # 1 GiB gradient, 1 GiB temp
+    assert benchmark.queued_calls(group, 64, 10 * 2**30) == 5
+    assert benchmark.queued_calls(group, 3, 10 * 2**30) == 3
+    assert benchmark.queued_calls(group, 64, 0) == 1
+
+
 def test_configs_load_and_quick_is_smaller():
     full, quick = get_config(), get_config("quick")
     for config in (full, quick):

@@ -505,3 +505,47 @@ def test_bfloat16_label_smoothing_matches_float64_of_same_values(weights):
     )
     assert got.dtype == jnp.float32
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_label_smoothing_on_logits_far_from_zero_matches_float64(offset):
+    # Logits sharing a large offset: the smoothing term sum_c w_c (lse - z_c) must not be formed
+    # as a difference of two large sums. float32 logits of that size carry an absolute spacing
+    # that no float32 implementation can beat (lse is rounded at that size): added to atol.
+    rng = np.random.default_rng(13)
+    num_classes = 4096
+    z = (offset + 3.0 * rng.normal(size=(6, num_classes))).astype(np.float32)
+    labels = rng.integers(0, num_classes, 6)
+    soft = rng.dirichlet(np.ones(num_classes), 6).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, num_classes).astype(np.float32)
+    z64 = z.astype(np.float64)
+    table = tolerance(np.float32)
+    atol = table["atol"] + 2 * float(np.spacing(np.float32(np.abs(z).max())))
+    for class_weights in (None, weights):
+        opts = {"label_smoothing": 0.1, "class_weights": class_weights}
+        got = xent_jax.softmax_cross_entropy_with_integer_labels(z, labels, **opts)
+        want = reference.softmax_cross_entropy_with_integer_labels(z64, labels, **opts)
+        np.testing.assert_allclose(got, want, rtol=table["rtol"], atol=atol)
+    got = xent_jax.softmax_cross_entropy(z, soft, label_smoothing=0.1)
+    want = reference.softmax_cross_entropy(z64, soft, label_smoothing=0.1)
+    np.testing.assert_allclose(got, want, rtol=table["rtol"], atol=atol)
+
+
+def test_label_smoothing_with_class_weights_summing_to_zero():
+    # Negative weights whose sum is 0: the smoothing term is -sum_c w_c z_c, not 0.
+    z = np.array([[1.0, 2.0, 0.5, -1.0, 3.0], [0.2, -0.4, 1.5, 2.5, -3.0]], np.float32)
+    labels = np.array([0, 3])
+    weights = np.array([1.0, -1.0, 0.0, 0.5, -0.5], np.float32)
+    opts = {"label_smoothing": 0.2, "class_weights": weights}
+    got = xent_jax.softmax_cross_entropy_with_integer_labels(z, labels, **opts)
+    want = reference.softmax_cross_entropy_with_integer_labels(z.astype(np.float64), labels, **opts)
+    assert_close(got, want)
+
+
+def test_dense_row_without_target_mass_is_zero_even_with_nan_or_inf_logits():
+    # 0 * log 0 = 0 for every class: a row whose targets are all 0 costs exactly 0.
+    z = np.array([[1.0, np.nan, 0.5], [1.0, np.inf, 0.5], [-INF, -INF, -INF], [1.0, 2.0, 3.0]])
+    t = np.array([[0.0, 0.0, 0.0]] * 3 + [[0.2, 0.3, 0.5]])
+    got = np.asarray(xent_jax.softmax_cross_entropy(z.astype(np.float32), t.astype(np.float32)))
+    np.testing.assert_array_equal(got[:3], 0.0)
+    assert_close(got[3], reference.softmax_cross_entropy(z[3:], t[3:])[0])

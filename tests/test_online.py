@@ -94,19 +94,41 @@ def test_merged_row_sums_match_float64():
     z[2, :100] = -np.inf  # unavailable classes
     z[3, 5] = 80.0  # one dominant logit
     extra = rng.normal(size=z.shape).astype(np.float32)
-    row_max, sum_exp, total = jax.jit(_online.online_row_sums)(jnp.asarray(z), jnp.asarray(extra))
-    z64 = z.astype(np.float64)
+    weights = np.where(np.isfinite(z), rng.uniform(0.5, 2.0, z.shape), 0).astype(np.float32)
+    row_max, sum_exp, weight, centred, total = jax.jit(_online.online_row_sums)(
+        jnp.asarray(z), jnp.asarray(extra), centred_weights=(jnp.asarray(weights),)
+    )
+    z64, w64 = z.astype(np.float64), weights.astype(np.float64)
     want_max = z64.max(-1)
     shift = np.where(np.isfinite(want_max), want_max, 0)
     with np.errstate(invalid="ignore"):
         want_sum = np.exp(z64 - shift[:, None]).sum(-1)
+        centred_terms = np.where(w64 > 0, w64 * (z64 - shift[:, None]), 0)
+    want_centred = centred_terms.sum(-1)
     want_sum[1] = z.shape[1]  # an empty row counts its (all -inf) terms, each with factor 1
+    table = tolerance(jnp.float32)
     np.testing.assert_array_equal(np.asarray(row_max), want_max.astype(np.float32))
-    np.testing.assert_allclose(np.asarray(sum_exp), want_sum, **tolerance(jnp.float32))
-    # A sum of 257 terms of either sign: the table's float32 rtol, relative to the terms' size.
-    scale = np.abs(extra).astype(np.float64).sum(-1)
-    error = np.abs(np.asarray(total) - extra.astype(np.float64).sum(-1))
-    np.testing.assert_array_less(error, tolerance(jnp.float32)["rtol"] * scale)
+    np.testing.assert_allclose(np.asarray(sum_exp), want_sum, **table)
+    np.testing.assert_allclose(np.asarray(weight), w64.sum(-1), **table)
+    # Sums of 257 terms of either sign: the table's rtol, relative to the size of the terms.
+    for got, want, terms in [
+        (centred, want_centred, np.abs(centred_terms)),
+        (total, extra.astype(np.float64).sum(-1), np.abs(extra.astype(np.float64))),
+    ]:
+        terms = np.where(np.isfinite(terms), terms, 0).sum(-1)
+        np.testing.assert_array_less(np.abs(np.asarray(got) - want), table["rtol"] * terms + 1e-30)
+
+
+@pytest.mark.parametrize("position", [0, 128, 256])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_nan_or_inf_logit_anywhere_makes_the_row_nan(position, value):
+    # Whatever order the reduction merges the parts in, the row's lse is NaN (the careful
+    # path's exp(inf - inf) for +inf); the other rows are untouched.
+    z = np.random.default_rng(1).normal(size=(3, 257)).astype(np.float32)
+    z[1, position] = value
+    row_max, sum_exp = jax.jit(_online.online_row_sums)(jnp.asarray(z))
+    lse = np.asarray(_online._lse(row_max, jnp.log(sum_exp)))
+    assert np.isnan(lse[1]) and np.isfinite(lse[[0, 2]]).all()
 
 
 def test_eager_calls_choose_by_the_arrays_device():

@@ -31,32 +31,58 @@ from jax import lax
 from xent_jax import _validation as v
 
 
-def _merge(left, right):
-    """Combines two partial (max, sum of exp(z - max), *plain sums) tuples of a row.
+def _merger(num_centred: int):
+    """The merge of two partial row states ``(max, sum of exp(z - max), *centred, *plain)``.
 
-    One exponential per merge: the part with the larger maximum keeps its sum as it is, the
-    other is rescaled (two exponentials would make the pass compute-bound on a GPU in bfloat16).
+    Each of the ``num_centred`` pairs ``(W, C)`` holds ``W = sum_c w_c`` and
+    ``C = sum_c w_c (z_c - max)``: a weighted sum of the logits kept relative to the running
+    maximum, so that ``sum_c w_c (lse - z_c) = W log(sum_exp) - C`` never subtracts two large
+    numbers (a raw ``sum_c w_c z_c`` loses the digits of logits that share a large offset).
     """
-    m1, s1, *rest1 = left
-    m2, s2, *rest2 = right
-    swap = m1 < m2  # False for a NaN maximum on either side: the NaN then reaches the sum
-    high, low = jnp.where(swap, m2, m1), jnp.where(swap, m1, m2)
-    s_high, s_low = jnp.where(swap, s2, s1), jnp.where(swap, s1, s2)
-    # Equal maxima take a factor of 1: -inf - -inf (empty parts) would be NaN.
-    s = s_high + s_low * jnp.exp(jnp.where(low == high, 0, low - high))
-    return (high, s, *(a + b for a, b in zip(rest1, rest2, strict=True)))
+
+    def merge(left, right):
+        m1, s1, *rest1 = left
+        m2, s2, *rest2 = right
+        swap = m1 < m2  # False for a NaN maximum on either side: the NaN then reaches the sum
+        high, low = jnp.where(swap, m2, m1), jnp.where(swap, m1, m2)
+        s_high, s_low = jnp.where(swap, s2, s1), jnp.where(swap, s1, s2)
+        # One exponential per merge: only the part with the smaller maximum is rescaled. Equal
+        # maxima take a factor of 1 (-inf - -inf, for empty parts, would be NaN).
+        s = s_high + s_low * jnp.exp(jnp.where(low == high, 0, low - high))
+        merged = [high, s]
+        for k in range(num_centred):
+            w1, c1, w2, c2 = rest1[2 * k], rest1[2 * k + 1], rest2[2 * k], rest2[2 * k + 1]
+            w_low = jnp.where(swap, w1, w2)
+            # Re-centre the lower part on the higher maximum; nothing to move without weight
+            # or between equal maxima (both -inf, say).
+            moved = jnp.where((w_low == 0) | (low == high), 0, w_low * (low - high))
+            merged += [w1 + w2, c1 + c2 + moved]
+        plain = zip(rest1[2 * num_centred :], rest2[2 * num_centred :], strict=True)
+        return (*merged, *(a + b for a, b in plain))
+
+    return merge
 
 
-def online_row_sums(z: jax.Array, *summands: jax.Array) -> tuple[jax.Array, ...]:
-    """``(max_c z_c, sum_c exp(z_c - max), *sum_c summand_c)`` along the last axis, in one pass.
+def online_row_sums(
+    z: jax.Array, *summands: jax.Array, centred_weights: tuple[jax.Array, ...] = ()
+) -> tuple[jax.Array, ...]:
+    """Row statistics along the last axis in one pass over ``z``.
 
-    ``z`` and the summands are in the compute dtype (float32 / float64) and broadcast to
-    ``z.shape``; a row of ``-inf`` gives ``(-inf, count, ...)``.
+    Returns ``(max_c z_c, sum_c exp(z_c - max), *[sum_c w_c, sum_c w_c (z_c - max)] for each w
+    in centred_weights, *sum_c summand_c)``. Weights are 0 for classes to leave out. Everything
+    is in the compute dtype (float32 / float64) and broadcasts to ``z.shape``; a row of ``-inf``
+    gives ``(-inf, count, ...)``.
     """
     zero = jnp.zeros((), z.dtype)
-    operands = (z, jnp.ones_like(z), *(jnp.broadcast_to(s, z.shape) for s in summands))
-    init = (jnp.asarray(-jnp.inf, z.dtype), zero, *(zero for _ in summands))
-    return tuple(lax.reduce(operands, init, _merge, (z.ndim - 1,)))
+    centred = []
+    for w in centred_weights:
+        # Each element is a part of its own: its centred sum w (z - z) is 0.
+        centred += [jnp.broadcast_to(w, z.shape), jnp.zeros_like(z)]
+    plain = [jnp.broadcast_to(s, z.shape) for s in summands]
+    operands = (z, jnp.ones_like(z), *centred, *plain)
+    init = (jnp.asarray(-jnp.inf, z.dtype), *(zero for _ in operands[1:]))
+    merge = _merger(len(centred_weights))
+    return tuple(lax.reduce(operands, init, merge, (z.ndim - 1,)))
 
 
 def _lse(row_max: jax.Array, log_sum: jax.Array) -> jax.Array:
@@ -64,69 +90,73 @@ def _lse(row_max: jax.Array, log_sum: jax.Array) -> jax.Array:
     return jnp.where(row_max == jnp.inf, jnp.nan, row_max + log_sum)
 
 
-def _smoothing_sums(z, weights) -> tuple[jax.Array, ...]:
-    """Summands for ``sum_c w_c z_c``, ``sum_c w_c`` and the count over available classes."""
+def _smoothing_inputs(z, weights):
+    """(centred weights, plain summands): the weights of available classes and their count."""
     available = z != -jnp.inf
     count = jnp.where(available, 1, 0).astype(z.dtype)
     if weights is None:
-        return jnp.where(available, z, 0), count
+        return (count,), ()
     w = jnp.broadcast_to(weights.astype(z.dtype), z.shape)
-    return jnp.where(available, w * z, 0), jnp.where(available, w, 0), count
+    return (jnp.where(available, w, 0),), (count,)
 
 
-def _smoothing_stats(lse, sums, weights):
+def _smoothing_stats(lse, log_sum, sums, weights):
     """(smooth, smooth_weight, num_available): ``sum_c w_c (lse - z_c)`` over available classes.
 
-    No cancellation to fear: ``lse >= mean(z) + log(K)`` (Jensen), so each row's smooth term is
-    at least ``log(K)`` per unit of weight.
+    ``sums`` starts with ``(W, C)`` of ``online_row_sums``: ``sum_c w_c (lse - z_c)`` is
+    ``W log(sum_exp) - C``, with no large terms to cancel.
     """
-    if weights is None:
-        weighted_z, count = sums
-        weight = count
-    else:
-        weighted_z, weight, count = sums
-    # No available class (or zero weight): the sum is empty, 0, as on the careful path.
-    smooth = jnp.where(weight == 0, 0, weight * lse - weighted_z)
+    weight, centred, *rest = sums
+    count = weight if weights is None else rest[0]
+    # An empty row (W = 0, C = 0) gives 0, as on the careful path; a NaN lse gives NaN.
+    smooth = jnp.where(jnp.isnan(lse), jnp.nan, weight * log_sum - centred)
     return smooth, weight, count
 
 
 def integer_statistics(given, label_logits, weights, smoothing: bool):
     """(nll, lse, smooth, smooth_weight, num_available) for integer labels, one pass."""
     z = given.astype(v.compute_dtype(given.dtype))
-    row_max, sum_exp, *sums = online_row_sums(
-        z, *(_smoothing_sums(z, weights) if smoothing else ())
-    )
+    centred, plain = _smoothing_inputs(z, weights) if smoothing else ((), ())
+    row_max, sum_exp, *sums = online_row_sums(z, *plain, centred_weights=centred)
     log_sum = jnp.log(sum_exp)
     lse = _lse(row_max, log_sum)
     # Around the row maximum: no cancellation against a large lse when the label wins.
     nll = jnp.where(jnp.isfinite(row_max), (row_max - label_logits) + log_sum, lse - label_logits)
     if not smoothing:
         return nll, lse, jnp.zeros_like(nll), jnp.ones_like(nll), jnp.ones_like(nll)
-    return nll, lse, *_smoothing_stats(lse, sums, weights)
+    return nll, lse, *_smoothing_stats(lse, log_sum, sums, weights)
 
 
 def dense_statistics(given_z, given_targets, weights, smoothing: bool):
     """(nll, lse, smooth, smooth_weight, num_available, mass) for dense targets, one pass."""
     dtype = v.compute_dtype(given_z.dtype)
     z, targets = given_z.astype(dtype), given_targets.astype(dtype)
+    has_target = targets != 0
     # 0 * log 0 = 0: a class without target mass never contributes, even at a -inf logit.
-    weighted = jnp.where(targets == 0, 0, targets * z)
-    extra = _smoothing_sums(z, weights) if smoothing else ()
-    row_max, sum_exp, mass, dot, *sums = online_row_sums(z, targets, weighted, *extra)
+    target_weights = jnp.where(has_target, targets, 0)
+    raw_dot = jnp.where(has_target, targets * z, 0)
+    is_target = jnp.where(has_target, 1, 0).astype(dtype)
+    centred, plain = _smoothing_inputs(z, weights) if smoothing else ((), ())
+    row_max, sum_exp, mass, centred_dot, *sums = online_row_sums(
+        z, raw_dot, is_target, *plain, centred_weights=(target_weights, *centred)
+    )
+    if smoothing:
+        sums, (dot, num_targets) = [*sums[:2], *sums[4:]], sums[2:4]
+    else:
+        dot, num_targets = sums
     log_sum = jnp.log(sum_exp)
     lse = _lse(row_max, log_sum)
-    # nll = sum_c t_c (lse - z_c) around the target-weighted mean logit (as on the CPU path):
-    # exact when one class holds all the mass, and no cancellation against a large lse.
-    has_mass = mass > 0
-    hint = jnp.where(has_mass, dot / jnp.where(has_mass, mass, 1), 0)
-    hint = jnp.where(jnp.isfinite(hint), hint, 0)
-    around = mass * ((row_max - hint) + log_sum) + (mass * hint - dot)
+    # nll = sum_c t_c (lse - z_c) = mass log(sum_exp) - sum_c t_c (z_c - max): no large terms
+    # to cancel; exactly (max - z_y) + log(sum_exp) when one class holds all the mass.
+    around = mass * log_sum - centred_dot
     # A row without a finite maximum: the careful path's sum_c t_c (lse_or_zero - z_c).
     fallback = mass * jnp.where(lse == -jnp.inf, 0, lse) - dot
     nll = jnp.where(jnp.isfinite(row_max), around, fallback)
+    # A row without any target is exactly 0, whatever its logits (NaN and +inf included).
+    nll = jnp.where(num_targets == 0, 0, nll)
     if not smoothing:
         return nll, lse, jnp.zeros_like(nll), jnp.ones_like(nll), jnp.ones_like(nll), mass
-    return nll, lse, *_smoothing_stats(lse, sums, weights), mass
+    return nll, lse, *_smoothing_stats(lse, log_sum, sums, weights), mass
 
 
 # Tests set this to run the one-pass formulation on the CPU too (see tests/test_online.py).
