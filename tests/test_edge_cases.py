@@ -549,3 +549,17 @@ def test_dense_row_without_target_mass_is_zero_even_with_nan_or_inf_logits():
     got = np.asarray(xent_jax.softmax_cross_entropy(z.astype(np.float32), t.astype(np.float32)))
     np.testing.assert_array_equal(got[:3], 0.0)
     assert_close(got[3], reference.softmax_cross_entropy(z[3:], t[3:])[0])
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+def test_target_mass_of_both_signs_on_neg_inf_logits_is_nan_in_any_class_order(order):
+    # sum_c t_c (lse - z_c) holds +inf and -inf terms: NaN (loud), whatever the class order.
+    z = np.array([[-INF, -INF, 0.0]], np.float32)[:, order]
+    for targets, weights in [
+        (np.array([[0.5, 0.5, 1.0]], np.float32), np.array([1.0, -1.0, 1.0], np.float32)),
+        (np.array([[1.0, -1.0, 1.0]], np.float32), None),
+    ]:
+        got = xent_jax.softmax_cross_entropy(
+            z, targets[:, order], class_weights=None if weights is None else weights[order]
+        )
+        assert np.isnan(np.asarray(got)).all()

@@ -149,9 +149,11 @@ def dense_statistics(given_z, given_targets, weights, smoothing: bool):
     # nll = sum_c t_c (lse - z_c) = mass log(sum_exp) - sum_c t_c (z_c - max): no large terms
     # to cancel; exactly (max - z_y) + log(sum_exp) when one class holds all the mass.
     around = mass * log_sum - centred_dot
-    # A row without a finite maximum: the careful path's sum_c t_c (lse_or_zero - z_c).
+    # A row without a finite maximum, or with target mass on infinite logits: the careful
+    # path's sum_c t_c (lse_or_zero - z_c). The plain sum ``dot`` is NaN for infinities of
+    # both signs in any merge order, where the centred sums could cancel them.
     fallback = mass * jnp.where(lse == -jnp.inf, 0, lse) - dot
-    nll = jnp.where(jnp.isfinite(row_max), around, fallback)
+    nll = jnp.where(jnp.isfinite(row_max) & jnp.isfinite(dot), around, fallback)
     # A row without any target is exactly 0, whatever its logits (NaN and +inf included).
     nll = jnp.where(num_targets == 0, 0, nll)
     if not smoothing:
