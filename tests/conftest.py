@@ -14,7 +14,7 @@
 import jax
 import pytest
 
-from xent_jax import _online
+from tests.formulation import one_pass_everywhere
 
 BOTH_FORMULATIONS = {
     "tests.test_reference_losses",
@@ -42,15 +42,6 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True, scope="module")
 def softmax_formulation(request):
     """``"one_pass"``: the GPU/TPU formulation on every platform while the fixture is active."""
-    one_pass = getattr(request, "param", "per_platform") == "one_pass"
-    if not one_pass:
-        yield "per_platform"
-        return
-    # Traces cached under the other formulation must not be reused.
-    jax.clear_caches()
-    _online._EVERYWHERE = True
-    try:
-        yield "one_pass"
-    finally:
-        _online._EVERYWHERE = False
-        jax.clear_caches()
+    formulation = getattr(request, "param", "per_platform")
+    with one_pass_everywhere(formulation == "one_pass"):
+        yield formulation

@@ -17,6 +17,7 @@ import pytest
 from jax import export
 
 import xent_jax
+from tests.formulation import one_pass_everywhere
 from tests.tolerances import tolerance
 from xent_jax import _online
 
@@ -78,13 +79,8 @@ def test_forcing_the_one_pass_formulation_changes_what_runs_on_cpu(formulation):
 @pytest.fixture(params=["per_platform", "one_pass"])
 def formulation(request):
     """Like the conftest's ``softmax_formulation``, for this module only."""
-    jax.clear_caches()
-    _online._EVERYWHERE = request.param == "one_pass"
-    try:
+    with one_pass_everywhere(request.param == "one_pass"):
         yield request.param
-    finally:
-        _online._EVERYWHERE = False
-        jax.clear_caches()
 
 
 def test_merged_row_sums_match_float64():

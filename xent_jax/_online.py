@@ -140,10 +140,10 @@ def dense_statistics(given_z, given_targets, weights, smoothing: bool):
     row_max, sum_exp, mass, centred_dot, *sums = online_row_sums(
         z, raw_dot, is_target, *plain, centred_weights=(target_weights, *centred)
     )
-    if smoothing:
-        sums, (dot, num_targets) = [*sums[:2], *sums[4:]], sums[2:4]
-    else:
-        dot, num_targets = sums
+    # The smoothing pair (W, C) comes before the plain sums, its count (if any) after them.
+    pair = 2 * len(centred)
+    dot, num_targets = sums[pair : pair + 2]
+    sums = [*sums[:pair], *sums[pair + 2 :]]
     log_sum = jnp.log(sum_exp)
     lse = _lse(row_max, log_sum)
     # nll = sum_c t_c (lse - z_c) = mass log(sum_exp) - sum_c t_c (z_c - max): no large terms
@@ -161,7 +161,7 @@ def dense_statistics(given_z, given_targets, weights, smoothing: bool):
     return nll, lse, *_smoothing_stats(lse, log_sum, sums, weights), mass
 
 
-# Tests set this to run the one-pass formulation on the CPU too (see tests/test_online.py).
+# Tests set this to run the one-pass formulation on the CPU too (see tests/formulation.py).
 _EVERYWHERE = False
 
 

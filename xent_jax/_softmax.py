@@ -248,12 +248,14 @@ def _loss_coefficients(rows: _Rows, options: _Options, scale):
     return a, b, c
 
 
-def _smoothing_weight_tangent(z, lse, options, weights, dweights):
-    """(d smooth, d smooth_weight) from a tangent of the class weights."""
+def _class_weight_tangents(z, rows: _Rows, options: _Options, dweights):
+    """(d smooth, d smooth_weight, d loss) from a tangent of the class weights (smoothing on)."""
     available = z != -jnp.inf
-    per_class = jnp.where(available, _lse_or_zero(lse)[..., None] - z, 0)
+    per_class = jnp.where(available, _lse_or_zero(rows.lse)[..., None] - z, 0)
     d_smooth = jnp.sum(per_class * dweights, axis=-1)
-    return d_smooth, jnp.sum(jnp.where(available, dweights, 0), axis=-1)
+    d_weight = jnp.sum(jnp.where(available, dweights, 0), axis=-1)
+    b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
+    return d_smooth, d_weight, b * d_smooth
 
 
 def _available_weights(z, weights):
@@ -263,6 +265,12 @@ def _available_weights(z, weights):
 # --------------------------------------------------------------------------------------------
 # Integer labels.
 # --------------------------------------------------------------------------------------------
+
+
+def _statistics(hinted, one_pass, z, *rest):
+    """Row statistics by ``one_pass`` where it pays off (GPU / TPU, 4-byte logits), else by
+    ``hinted`` (the CPU formulation)."""
+    return by_platform(hinted, one_pass if _online.pays_off(z.dtype) else hinted, z, *rest)
 
 
 def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
@@ -305,11 +313,9 @@ def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows
     """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes)."""
     smoothing = options.label_smoothing is not None
     label_logits = _label_logits(z, labels)
-    hinted = functools.partial(_integer_statistics_cpu, smoothing=smoothing)
-    one_pass = functools.partial(_online.integer_statistics, smoothing=smoothing)
-    nll, lse, smooth, smooth_weight, num_available = by_platform(
-        hinted,
-        one_pass if _online.pays_off(z.dtype) else hinted,
+    nll, lse, smooth, smooth_weight, num_available = _statistics(
+        functools.partial(_integer_statistics_cpu, smoothing=smoothing),
+        functools.partial(_online.integer_statistics, smoothing=smoothing),
         z,
         label_logits,
         weights,
@@ -353,10 +359,8 @@ def _integer_rows_jvp(primals, tangents):
         c_nll = 1.0 if options.label_smoothing is None else 1 - options.label_smoothing
         d_loss = d_loss + c_nll * rows.nll * d_label_weights
     if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
-        d_smooth_w, d_weight = _smoothing_weight_tangent(z, rows.lse, options, weights, dweights)
-        d_smooth = d_smooth + d_smooth_w
-        b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
-        d_loss = d_loss + b * d_smooth_w
+        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(z, rows, options, dweights)
+        d_smooth, d_loss = d_smooth + d_smooth_w, d_loss + d_loss_w
     return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, zeros)
 
 
@@ -408,11 +412,9 @@ def _dense_statistics_cpu(given_z, given_targets, weights, smoothing: bool):
 def _dense_rows(z, targets, weights, options: _Options) -> _Rows:
     """Per-row loss for dense targets (class weights already applied to them)."""
     smoothing = options.label_smoothing is not None
-    hinted = functools.partial(_dense_statistics_cpu, smoothing=smoothing)
-    one_pass = functools.partial(_online.dense_statistics, smoothing=smoothing)
-    nll, lse, smooth, smooth_weight, num_available, mass = by_platform(
-        hinted,
-        one_pass if _online.pays_off(z.dtype) else hinted,
+    nll, lse, smooth, smooth_weight, num_available, mass = _statistics(
+        functools.partial(_dense_statistics_cpu, smoothing=smoothing),
+        functools.partial(_online.dense_statistics, smoothing=smoothing),
         z,
         targets,
         weights,
@@ -450,10 +452,8 @@ def _dense_rows_jvp(primals, tangents):
         d_loss = d_loss + c_nll * d_nll_t
         d_mass = jnp.sum(dtargets, axis=-1)
     if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
-        d_smooth_w, d_weight = _smoothing_weight_tangent(z, rows.lse, options, weights, dweights)
-        d_smooth = d_smooth + d_smooth_w
-        b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
-        d_loss = d_loss + b * d_smooth_w
+        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(z, rows, options, dweights)
+        d_smooth, d_loss = d_smooth + d_smooth_w, d_loss + d_loss_w
     return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, d_mass)
 
 
