@@ -52,7 +52,7 @@ from xent_jax._reduction import reduce_loss
 # the careful path: the mass of underflowed terms is then negligible against the sum.
 _MIN_SUM = 1e-20
 # Tags of the aliases of a half-precision input, one per pass (see _upcast_alias).
-_GATHER, _SMOOTHING, _GRADIENT, _CAREFUL_LSE, _CAREFUL_SUMS = 1, 2, 3, 4, 5
+_GATHER, _SMOOTHING, _GRADIENT, _CAREFUL_LSE, _CAREFUL_SUMS, _MASS, _DOT = 1, 2, 3, 4, 5, 6, 7
 
 
 class _Options(NamedTuple):
@@ -88,17 +88,19 @@ def _upcast(x: jax.Array) -> jax.Array:
     return x.astype(v.compute_dtype(x.dtype))
 
 
-def _upcast_alias(x: jax.Array, tag: int) -> jax.Array:
-    """``x`` upcast through an opaque alias of a half-precision input (no copy is made).
+def _upcast_alias(x: jax.Array, tag: int, dtype=None) -> jax.Array:
+    """``x`` upcast (to ``dtype``, by default its compute dtype) through an opaque alias of a
+    narrower input (no copy is made).
 
     XLA:CPU fuses an upcast into a reduction or an elementwise pass only while nothing else
     uses that upcast (or the input, for a gather): a shared one is written out in full as a
     float32 copy. Each pass therefore upcasts its own alias; distinct ``tag`` values keep XLA
     from merging the aliases again.
     """
-    if x.dtype != v.compute_dtype(x.dtype):
+    dtype = v.compute_dtype(x.dtype) if dtype is None else dtype
+    if x.dtype != dtype:
         x = jax.lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
-    return _upcast(x)
+    return x.astype(dtype)
 
 
 def _sum_exp_around(z: jax.Array, shift: jax.Array) -> jax.Array:
@@ -375,9 +377,12 @@ _integer_rows.defjvp(_integer_rows_jvp, symbolic_zeros=True)
 def _dense_statistics_cpu(given_z, given_targets, weights, smoothing: bool):
     """(nll, lse, smooth, smooth_weight, num_available, mass): hinted fast path, careful
     fallback."""
-    z, targets = _upcast(given_z), given_targets.astype(v.compute_dtype(given_z.dtype))
-    mass = jnp.sum(targets, axis=-1)
-    dot = jnp.sum(targets * z, axis=-1)
+    dtype = v.compute_dtype(given_z.dtype)
+    # Three passes, each upcasting its own alias of a half-precision input (see _upcast_alias):
+    # a shared upcast of the logits or the targets would be written out as a float32 copy.
+    mass = jnp.sum(_upcast_alias(given_targets, _MASS, dtype), axis=-1)
+    dot = jnp.sum(_upcast_alias(given_targets, _DOT, dtype) * _upcast_alias(given_z, _DOT), -1)
+    z = _upcast(given_z)
     # The target-weighted mean logit: sum_c t_c (z_c - hint) = 0, so nll = mass * offset.
     hint = _finite_or_zero(jnp.where(mass > 0, dot / jnp.where(mass > 0, mass, 1), 0))
     total, ok = _scaled_sum_exp(z, hint)
@@ -397,7 +402,7 @@ def _dense_statistics_cpu(given_z, given_targets, weights, smoothing: bool):
         # The careful branch upcasts for itself (see _integer_statistics_cpu).
         lse = _careful_lse(given_z)
         z = _upcast_alias(given_z, _CAREFUL_SUMS)
-        targets = _upcast_alias(given_targets, _CAREFUL_SUMS)
+        targets = _upcast_alias(given_targets, _CAREFUL_SUMS, dtype)
         log_probs = z - _lse_or_zero(lse)[..., None]
         # 0 * log 0 = 0: a class without target mass never contributes, even at a -inf logit.
         nll = -_row_sums(jnp.where(targets == 0, 0, targets * log_probs), targets)[0]
