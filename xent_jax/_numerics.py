@@ -1,9 +1,12 @@
-"""Small numerically careful primitives: 0·log 0 = 0 and 0^γ with finite gradients."""
+"""Small numerically careful primitives (0·log 0 = 0 and 0^γ with finite gradients) and the
+fast-or-careful switch and per-pass upcast that the fused losses share."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from xent_jax._validation import compute_dtype
 
 
 def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -35,3 +38,18 @@ def fast_or_careful(ok, fast, careful):
     if isinstance(ok, jax.core.Tracer):
         return jax.lax.cond(ok, fast, careful)
     return fast() if bool(ok) else careful()
+
+
+def upcast_alias(x: jax.Array, tag: int, dtype=None) -> jax.Array:
+    """``x`` upcast (to ``dtype``, by default its compute dtype) through an opaque alias of a
+    narrower input (no copy is made).
+
+    XLA:CPU fuses an upcast into a reduction or an elementwise pass only while nothing else
+    uses that upcast (or the input, for a gather): a shared one is written out in full as a
+    float32 copy. Each pass therefore upcasts its own alias; distinct ``tag`` values keep XLA
+    from merging the aliases again.
+    """
+    dtype = compute_dtype(x.dtype) if dtype is None else dtype
+    if x.dtype != dtype:
+        x = jax.lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
+    return x.astype(dtype)

@@ -45,6 +45,7 @@ from xent_jax import _validation as v
 from xent_jax._labels import prepare_integer_labels
 from xent_jax._logits import combine_masks, prepare_logits, smoothing_is_on
 from xent_jax._numerics import fast_or_careful
+from xent_jax._numerics import upcast_alias as _upcast_alias
 from xent_jax._online import by_platform
 from xent_jax._reduction import reduce_loss
 
@@ -86,21 +87,6 @@ class _Rows(NamedTuple):
 
 def _upcast(x: jax.Array) -> jax.Array:
     return x.astype(v.compute_dtype(x.dtype))
-
-
-def _upcast_alias(x: jax.Array, tag: int, dtype=None) -> jax.Array:
-    """``x`` upcast (to ``dtype``, by default its compute dtype) through an opaque alias of a
-    narrower input (no copy is made).
-
-    XLA:CPU fuses an upcast into a reduction or an elementwise pass only while nothing else
-    uses that upcast (or the input, for a gather): a shared one is written out in full as a
-    float32 copy. Each pass therefore upcasts its own alias; distinct ``tag`` values keep XLA
-    from merging the aliases again.
-    """
-    dtype = v.compute_dtype(x.dtype) if dtype is None else dtype
-    if x.dtype != dtype:
-        x = jax.lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
-    return x.astype(dtype)
 
 
 def _sum_exp_around(z: jax.Array, shift: jax.Array) -> jax.Array:
