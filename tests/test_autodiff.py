@@ -414,6 +414,19 @@ CHECK_GRADS_CASES = {
         ),
         (_logits(rng),),
     ),
+    # The fused sum of the mean: every input differentiated, the smoothing inside its passes.
+    "sigmoid_binary_cross_entropy/mean_all_inputs": lambda rng: (
+        lambda x, y, pos_weight, eps: xent_jax.sigmoid_binary_cross_entropy(
+            x, y, pos_weight=pos_weight, label_smoothing=eps, reduction="mean"
+        ),
+        (_logits(rng), rng.random((2, 3)), rng.uniform(0.5, 2, 3), np.array(0.1)),
+    ),
+    "sigmoid_binary_cross_entropy/sum_without_pos_weight": lambda rng: (
+        lambda x, y, eps: xent_jax.sigmoid_binary_cross_entropy(
+            x, y, label_smoothing=eps, reduction="sum"
+        ),
+        (_logits(rng), rng.random((2, 3)), np.array(0.2)),
+    ),
     "sigmoid_focal_loss": lambda rng: (
         _first_arg_only(xent_jax.sigmoid_focal_loss, rng.random((2, 3)), alpha=0.25, gamma=2.0),
         (_logits(rng),),

@@ -57,21 +57,27 @@ def _upcast_pair(x: jax.Array, y: jax.Array, tag: int):
     return upcast_alias(x, tag, dtype), upcast_alias(y, tag, dtype)
 
 
+def _smoothed(y: jax.Array, label_smoothing: jax.Array | None) -> jax.Array:
+    return y if label_smoothing is None else (1 - label_smoothing) * y + label_smoothing / 2
+
+
 @jax.custom_jvp
-def _binary_cross_entropy_sum(x: jax.Array, y: jax.Array, pos_weight) -> jax.Array:
+def _binary_cross_entropy_sum(x: jax.Array, y: jax.Array, pos_weight, label_smoothing) -> jax.Array:
     """``sum(_binary_cross_entropy(x, y, pos_weight))`` in one fused pass when it is finite.
 
     ``softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|))`` has no ``where``, so XLA:CPU fuses it into
     the reduction instead of writing the per-element losses out first. A non-finite sum (an
     infinite logit, say) is recomputed with the exact per-element formula (zero weight, zero
-    term) under ``lax.cond``. ``x`` and ``y`` may be half precision: every pass upcasts them
-    itself, so no float32 copy of either is written (the ``cond`` holds the caller's arrays).
+    term) under ``lax.cond``. ``x`` and ``y`` may be half precision and ``y`` is smoothed
+    (``label_smoothing``: ``None`` or a scalar) inside each pass: no float32 copy of either is
+    written (the ``cond`` holds the caller's arrays).
     """
-    return by_platform(_hinted_sum, _one_pass_sum, x, y, pos_weight)
+    return by_platform(_hinted_sum, _one_pass_sum, x, y, pos_weight, label_smoothing)
 
 
-def _hinted_sum(given_x, given_y, pos_weight):
+def _hinted_sum(given_x, given_y, pos_weight, label_smoothing):
     x, y = _upcast_pair(given_x, given_y, _FAST)
+    y = _smoothed(y, label_smoothing)
     shared = jnp.log1p(jnp.exp(-jnp.abs(x)))
     if pos_weight is None:
         # y softplus(-x) + (1 - y) softplus(x) = max(x, 0) - x y + log1p(exp(-|x|)): fewer
@@ -83,12 +89,13 @@ def _hinted_sum(given_x, given_y, pos_weight):
     total = jnp.sum(fast)
 
     def careful():
-        return _careful_sum(*_upcast_pair(given_x, given_y, _CAREFUL), pos_weight)
+        x, y = _upcast_pair(given_x, given_y, _CAREFUL)
+        return _careful_sum(x, _smoothed(y, label_smoothing), pos_weight)
 
     return fast_or_careful(jnp.isfinite(total), lambda: total, careful)
 
 
-def _one_pass_sum(x, y, pos_weight):
+def _one_pass_sum(x, y, pos_weight, label_smoothing):
     """The exact per-element formula in one fused pass, for GPUs and TPUs.
 
     There XLA fuses a ``where`` into the reduction, and a ``lax.cond`` would hold its operands
@@ -96,7 +103,7 @@ def _one_pass_sum(x, y, pos_weight):
     measured on an H100, the cond made the bfloat16 forward 2.4x slower than optax's.
     """
     x, y = _upcast_pair(x, y, _FAST)
-    positive, negative = _positive_negative(y, pos_weight)
+    positive, negative = _positive_negative(_smoothed(y, label_smoothing), pos_weight)
     # softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)): one exp and one log1p per element.
     shared = jnp.log1p(jnp.exp(-jnp.abs(x)))
     pos_term = jnp.where(positive == 0, 0, positive * (jnp.maximum(-x, 0) + shared))
@@ -105,20 +112,35 @@ def _one_pass_sum(x, y, pos_weight):
 
 
 def _careful_sum(x, y, pos_weight):
-    # A two-operand reduction (the second sum is unused): XLA:CPU keeps the ``where`` of the exact
-    # formula inside its loop instead of writing the per-element losses out first.
-    terms = _binary_cross_entropy(x, y, pos_weight)
+    """The exact per-element formula (zero weight, zero term), summed."""
+    positive, negative = _positive_negative(y, pos_weight)
+    # The two terms summed apart in one two-operand reduction, each result used: XLA:CPU keeps
+    # the ``where``s inside its loop instead of writing the per-element losses out first (it
+    # drops an unused result, and with it that benefit).
+    pos_terms = _weighted_softplus(positive, -x)
+    neg_terms = _weighted_softplus(negative, x)
     axes = tuple(range(x.ndim))
     zero = jnp.zeros((), x.dtype)
     add = lambda a, b: (a[0] + b[0], a[1] + b[1])
-    return jax.lax.reduce((terms, x), (zero, zero), add, axes)[0]
+    pos_sum, neg_sum = jax.lax.reduce((pos_terms, neg_terms), (zero, zero), add, axes)
+    return pos_sum + neg_sum
 
 
 def _binary_cross_entropy_sum_jvp(primals, tangents):
-    x, y, pos_weight = primals
-    dx, dy, d_pos_weight = tangents
-    total = _binary_cross_entropy_sum(x, y, pos_weight)
-    x, y = _upcast_pair(x, y, _GRADIENT)
+    x, y, pos_weight, label_smoothing = primals
+    dx, dy, d_pos_weight, d_label_smoothing = tangents
+    total = _binary_cross_entropy_sum(x, y, pos_weight, label_smoothing)
+    x, given_y = _upcast_pair(x, y, _GRADIENT)
+    y = _smoothed(given_y, label_smoothing)
+    # The tangent of the smoothed labels (1 - eps) dy + (1/2 - y) d_eps.
+    d_smoothed = None
+    if not isinstance(dy, SymbolicZero):
+        d_smoothed = dy.astype(y.dtype)
+        if label_smoothing is not None:
+            d_smoothed = (1 - label_smoothing) * d_smoothed
+    if label_smoothing is not None and not isinstance(d_label_smoothing, SymbolicZero):
+        d_from_eps = (0.5 - given_y) * d_label_smoothing
+        d_smoothed = d_from_eps if d_smoothed is None else d_smoothed + d_from_eps
     positive, negative = _positive_negative(y, pos_weight)
     tangent = jnp.zeros_like(total)
     if not isinstance(dx, SymbolicZero):
@@ -127,12 +149,12 @@ def _binary_cross_entropy_sum_jvp(primals, tangents):
             negative == 0, 0, negative * jax.nn.sigmoid(x)
         )
         tangent = jnp.sum(grad_x * dx)
-    if not (isinstance(dy, SymbolicZero) and isinstance(d_pos_weight, SymbolicZero)):
+    if not (d_smoothed is None and isinstance(d_pos_weight, SymbolicZero)):
         pos_term = jnp.where(positive == 0, 0, jax.nn.softplus(-x))
         neg_term = jnp.where(negative == 0, 0, jax.nn.softplus(x))
-        if not isinstance(dy, SymbolicZero):
+        if d_smoothed is not None:
             scale = 1 if pos_weight is None else pos_weight
-            tangent = tangent + jnp.sum((scale * pos_term - neg_term) * dy)
+            tangent = tangent + jnp.sum((scale * pos_term - neg_term) * d_smoothed)
         if pos_weight is not None and not isinstance(d_pos_weight, SymbolicZero):
             tangent = tangent + jnp.sum(y * pos_term * d_pos_weight)
     return total, tangent
@@ -190,8 +212,6 @@ def sigmoid_binary_cross_entropy(
     x, y, mask = _prepare(logits, labels, where)
     v.check_label_smoothing(label_smoothing)
     smoothing = isinstance(label_smoothing, jax.core.Tracer) or bool(label_smoothing)
-    if smoothing:
-        y = (1 - label_smoothing) * y + label_smoothing / 2
     weight = None
     if pos_weight is not None:
         weight = v.as_float_array("pos_weight", pos_weight)
@@ -199,15 +219,17 @@ def sigmoid_binary_cross_entropy(
         weight = weight.astype(x.dtype)
     v.check_reduction(reduction)
     if mask is None and reduction != "none":
-        # Sum and mean without a mask: one fused pass (see _binary_cross_entropy_sum), on the
-        # caller's arrays when they need no smoothing (it upcasts them inside its passes).
-        if not smoothing:
-            x = jnp.asarray(logits)
-            y = jnp.broadcast_to(jnp.asarray(labels), x.shape)
-        total = _binary_cross_entropy_sum(x, y, weight)
+        # Sum and mean without a mask: one fused pass on the caller's arrays, which it upcasts
+        # and smooths inside its passes (see _binary_cross_entropy_sum).
+        given = jnp.asarray(logits)
+        eps = jnp.asarray(label_smoothing, x.dtype) if smoothing else None
+        labels = jnp.broadcast_to(jnp.asarray(labels), given.shape)
+        total = _binary_cross_entropy_sum(given, labels, weight, eps)
         if reduction == "sum":
             return total
         return total / x.size if x.size else jnp.zeros((), x.dtype)
+    if smoothing:
+        y = _smoothed(y, label_smoothing)
     return _finish(_binary_cross_entropy(x, y, weight), mask, reduction)
 
 
