@@ -40,16 +40,19 @@ def fast_or_careful(ok, fast, careful):
     return fast() if bool(ok) else careful()
 
 
-def upcast_alias(x: jax.Array, tag: int, dtype=None) -> jax.Array:
+def upcast_alias(x: jax.Array, tag: int, dtype=None, *, tie: jax.Array | None = None) -> jax.Array:
     """``x`` upcast (to ``dtype``, by default its compute dtype) through an opaque alias of a
     narrower input (no copy is made).
 
     XLA:CPU fuses an upcast into a reduction or an elementwise pass only while nothing else
     uses that upcast (or the input, for a gather): a shared one is written out in full as a
     float32 copy. Each pass therefore upcasts its own alias; distinct ``tag`` values keep XLA
-    from merging the aliases again.
+    from merging the aliases again, mostly: two aliases of one array with constant tags have
+    been seen merged (``BENCHMARKS.md``). ``tie``, a value computed from ``x`` that the pass
+    uses anyway, replaces the tag and keeps that alias apart where the tag did not.
     """
     dtype = compute_dtype(x.dtype) if dtype is None else dtype
     if x.dtype != dtype:
-        x = jax.lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
+        companion = jnp.asarray(tag, jnp.int32) if tie is None else tie
+        x = jax.lax.optimization_barrier((x, companion))[0]
     return x.astype(dtype)

@@ -193,11 +193,10 @@ def _centred_class_sum(given: jax.Array, hint: jax.Array, weights) -> jax.Array:
     """``sum_c w_c (hint - z_c)`` from the caller's logits (any float dtype)."""
     if weights is None and given.dtype == jnp.bfloat16:
         # sum_c (hint - z_c) = K hint - sum_c z_c, the raw sum upcast inside its own pass. The
-        # barrier ties the logits to the hint, a value computed from them: with a constant tag
-        # (``_upcast_alias``) XLA:CPU merged this upcast with the exp pass's and wrote out a
-        # float32 copy, so this sum used to be a bfloat16 dot with a ones matrix (8192x32768,
-        # options forward: 138 -> 96 ms; the plain forward takes 80).
-        z = jax.lax.optimization_barrier((given, hint))[0].astype(hint.dtype)
+        # alias is tied to the hint: with its constant tag alone XLA:CPU merged this upcast with
+        # the exp pass's and wrote out a float32 copy, so this sum used to be a bfloat16 dot
+        # with a ones matrix (8192x32768, options forward: 138 -> 96 ms; plain forward: 80).
+        z = _upcast_alias(given, _SMOOTHING, tie=hint)
         return given.shape[-1] * hint - jnp.sum(z, axis=-1)
     z = _upcast_alias(given, _SMOOTHING)
     # Around -hint, not hint: a broadcast shared with another pass would be materialised as a
