@@ -183,7 +183,10 @@ def plan(group: Group, config: Any, backend: str) -> list[tuple[str, str | None]
                     config.torch_bfloat16_matmul or not slow_matmul
                 ):
                     planned.append((impl, mode))
-            elif cases.jax_loss(group.loss, impl, options) is not None:
+            elif (
+                cases.supports(group, impl)
+                and cases.jax_loss(group.loss, impl, options) is not None
+            ):
                 planned.append((impl, mode))
     if config.reference_kernels:
         planned.extend((name, None) for name in cases.reference_kernels(group, backend))

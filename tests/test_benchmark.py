@@ -15,7 +15,7 @@ import pytest
 
 import xent_jax
 from research import benchmark
-from research.bench import cases, report
+from research.bench import cases, ffi_kernel, report
 from research.bench.timing import Runner, paired_ratio, summary, time_interleaved
 from research.common.config import CONFIG_DIR, load_config
 
@@ -240,6 +240,31 @@ def test_no_shift_reference_point_is_optax_in_range_and_breaks_outside():
     )
     # Why it is only a reference point: one logit beyond the float32 exp range breaks it.
     assert not np.isfinite(float(no_shift(z.at[0, 0].set(100.0), y)))
+
+
+def test_ffi_kernel_reference_point_matches_optax_where_it_can_run():
+    if not ffi_kernel.available():
+        pytest.skip("the C++ kernel cannot be built here (no compiler, or not on CPU)")
+    ffi_loss = cases.jax_loss("softmax_int", "ffi[no-shift]", {})
+    optax_loss = cases.jax_loss("softmax_int", "optax", {})
+    rng = np.random.default_rng(4)
+    # 40 and 17 classes leave a scalar tail after the 16-lane loop; 64 has none.
+    for num_classes in (40, 17, 64):
+        z = jnp.asarray(rng.normal(scale=3.0, size=(6, num_classes)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, num_classes, 6), jnp.int32)
+        np.testing.assert_allclose(ffi_loss(z, y), optax_loss(z, y), rtol=2e-6)
+        np.testing.assert_allclose(
+            jax.jit(jax.grad(ffi_loss))(z, y), jax.grad(optax_loss)(z, y), rtol=2e-5, atol=1e-7
+        )
+    # The kernel's exp over the whole float32 range: within 2 ulp of float64, 0 below ~3e-38,
+    # +inf above the largest float, NaN kept.
+    x = np.linspace(-86.4, 88.7, 16 * 512, dtype=np.float32).reshape(512, 16)
+    got = np.asarray(ffi_kernel.softmax_gradient(jnp.asarray(x), jnp.zeros(512), jnp.ones(512)))
+    exact = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got, exact, rtol=2 * 2.0**-24)
+    edges = jnp.asarray([[-jnp.inf, -87.0, 89.0, jnp.nan] * 4], jnp.float32)
+    got = np.asarray(ffi_kernel.softmax_gradient(edges, jnp.zeros(1), jnp.ones(1)))[0, :4]
+    assert got[0] == 0 and got[1] == 0 and got[2] == np.inf and np.isnan(got[3])
 
 
 def test_configs_load_and_quick_is_smaller():

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import xent_jax
+from research.bench import ffi_kernel
 
 LOSSES = ("softmax_int", "softmax_dense", "sigmoid", "linear_softmax_int")
 MODES = ("fwd", "fwd_bwd")
@@ -31,6 +32,7 @@ IMPLEMENTATIONS = (
     "optax",
     "jnp",
     "jnp[no-shift]",  # a reference point, not a loss: see _no_shift_softmax_int
+    "ffi[no-shift]",  # the same with a C++ gradient kernel: see research/bench/ffi_kernel.py
     "torch",
 )
 LOSS_TITLES = {
@@ -241,9 +243,16 @@ def jax_loss(loss: str, impl: str, options: dict[str, Any]) -> Callable | None:
         ),
         ("linear_softmax_int", "jnp"): lambda x, w, y: _jnp_softmax_int(_logits(x, w), y),
     }
+    if impl == "ffi[no-shift]" and ffi_kernel.available():
+        table[("softmax_int", impl)] = ffi_kernel.softmax_int_loss
     if fused is not None:
         table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
     return table.get((loss, impl))
+
+
+def supports(group: Group, impl: str) -> bool:
+    """Whether ``impl`` runs on the group's dtype (the C++ kernel is float32 only)."""
+    return impl != "ffi[no-shift]" or group.dtype == "float32"
 
 
 def jax_function(group: Group, impl: str, mode: str, options: dict[str, Any]) -> Callable | None:
