@@ -32,6 +32,8 @@ def get_config(arg=None):
     )
     # Also available: "jnp[no-shift]" (integer labels only), the fastest formulation XLA is
     # given and unsafe outside the float32 exp range; a reference point for the speed bars.
+    # "ffi[no-shift]": the same forward with the gradient pass from a hand-written C++ XLA FFI
+    # kernel (float32 on CPU; built on first use with the C++ compiler on PATH).
     config.options = ml_collections.ConfigDict(
         {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-4}
     )
@@ -57,6 +59,10 @@ def get_config(arg=None):
     config.max_inputs = 8
     config.memory_fraction = 0.6
     config.reference_kernels = True
+    # True: forward + backward (and the (copy) limit) take a fresh copy of the logits as a
+    # donated buffer and may write the gradient into it, so the allocation of a fresh output
+    # (on CPU: page faults, ~300 ms per GiB on the 2-core VM) is not timed; compute only.
+    config.donate_logits = False
     config.torch_threads = 0  # 0: PyTorch's default
     # PyTorch's bfloat16 matmul on CPU is ~100x slower than float32 here (7.6 s for
     # 1024x256 @ 256x8192): left out of the bfloat16 fused-loss groups unless asked for.

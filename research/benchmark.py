@@ -156,6 +156,7 @@ def environment(config: Any, argv: list[str]) -> dict[str, Any]:
         "load_average_start": load_average(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
+        "donate_logits": bool(config.get("donate_logits", False)),
         "dtypes": list(config.dtypes),
         "shapes": {loss: list(config.shapes[loss]) for loss in config.losses},
         "config": config.to_dict(),
@@ -201,8 +202,12 @@ def build_runners(
     torch_inputs: dict[str, list] = {}
     runners: dict[str, Runner] = {}
     for impl, mode in planned:
+        # In place (config.donate_logits): the gradient, or the copy limit, may overwrite a
+        # fresh copy of the logits, so no fresh output buffer is timed.
+        in_place = config.get("donate_logits", False) and not group.linear
+        donate = in_place and (impl == "(copy)" if mode is None else mode == "fwd_bwd")
         if mode is None:
-            runner = jax_runner(impl, None, refs[impl], inputs)
+            runner = jax_runner(impl, None, refs[impl], inputs, donate=donate)
         elif impl == "torch":
             if mode not in torch_inputs:
                 torch_inputs[mode] = cases.torch_inputs(group, inputs, mode)
@@ -214,7 +219,8 @@ def build_runners(
                 cases.torch_synchronize(),
             )
         else:
-            runner = jax_runner(impl, mode, cases.jax_function(group, impl, mode, options), inputs)
+            function = cases.jax_function(group, impl, mode, options)
+            runner = jax_runner(impl, mode, function, inputs, donate=donate)
         runners[runner.key] = runner
         on_compile(runner)
     return runners

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,15 @@ import pytest
 import xent_jax
 from research import benchmark
 from research.bench import cases, ffi_kernel, report
-from research.bench.timing import Runner, paired_ratio, summary, time_interleaved
+from research.bench.timing import (
+    Runner,
+    jax_runner,
+    paired_ratio,
+    summary,
+    time_interleaved,
+)
 from research.common.config import CONFIG_DIR, load_config
+from tests.tolerances import tolerance
 
 
 def get_config(arg=None):
@@ -219,6 +227,31 @@ def test_accelerator_batching_times_back_to_back_calls():
     plain = Runner("y", "fwd", lambda i: i)
     time_interleaved([plain], repeats=3, warmup=0)
     assert plain.calls_per_repeat == 1 and len(plain.wall) == 3
+
+
+def test_staging_is_not_timed():
+    runner = Runner("x", "fwd", lambda staged: staged, stage=lambda i: time.sleep(0.05) or i)
+    time_interleaved([runner], repeats=3, warmup=0)
+    assert max(runner.wall) < 0.02
+
+
+def test_donated_runner_writes_the_gradient_in_place_and_keeps_the_input_sets():
+    group = cases.Group("softmax_int", "float32", (64, 256))
+    inputs = cases.make_inputs(group, 2, seed=5)
+    originals = [np.asarray(z) for z, _ in inputs]
+    gradient = cases.jax_function(group, "xent_jax", "fwd_bwd", {})
+    runner = jax_runner("xent_jax", "fwd_bwd", gradient, inputs, donate=True)
+    assert runner.memory["alias_bytes"] == 64 * 256 * 4  # the gradient took the copy's buffer
+    time_interleaved([runner], repeats=3, warmup=1)
+    expected = jax.grad(_mean_xent_loss)(*inputs[1])
+    np.testing.assert_allclose(runner.call(1), expected, **tolerance(jnp.float32))
+    for (z, _), original in zip(inputs, originals, strict=True):
+        assert not z.is_deleted()  # each call donated a copy, never an input set
+        np.testing.assert_array_equal(np.asarray(z), original)
+
+
+def _mean_xent_loss(z, y):
+    return xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
 
 
 def test_queued_calls_fit_in_the_spare_memory():

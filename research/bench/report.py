@@ -294,6 +294,7 @@ def environment_table(env: Mapping[str, Any]) -> str:
         "python",
         "XLA_FLAGS",
         "GLIBC_TUNABLES",
+        "donate_logits",
     ]
     return markdown_table([{"key": k, "value": env.get(k)} for k in keys if k in env])
 

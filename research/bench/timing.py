@@ -9,6 +9,11 @@ result (tens of microseconds, ~10% of a millisecond kernel). There a repeat laun
 ``calls_per_repeat`` calls back to back (each on the next input set; the device runs them in
 order while the host queues the next) and waits for the last one only: the time per call is the
 repeat's time over the number of calls, which is the device's time once the queue is full.
+
+With ``donate`` a runner's program takes its logits as a donated buffer, so that XLA may write
+the gradient into them in place: each call then gets a fresh copy of its input set's logits,
+made (and waited for) before the clock starts. That takes the allocation of a fresh output
+buffer (on CPU: a page fault per 4 KiB page) out of the timing, and leaves the compute.
 """
 
 from __future__ import annotations
@@ -26,23 +31,29 @@ def _no_wait(result: Any) -> Any:
     return result
 
 
+def _index(i: int) -> int:
+    return i
+
+
 @dataclass
 class Runner:
     """One timed thing: an implementation in one mode, or a reference kernel (``mode=None``).
 
-    ``launch(i)`` starts a call on input set ``i`` and may return before the device is done;
-    ``wait(result)`` blocks until that result is ready.
+    ``stage(i)`` prepares a call on input set ``i`` (untimed; by default just the index),
+    ``launch(staged)`` starts it and may return before the device is done; ``wait(result)``
+    blocks until that result is ready.
     """
 
     name: str
     mode: str | None
-    launch: Callable[[int], Any]
+    launch: Callable[[Any], Any]
     wait: Callable[[Any], Any] = _no_wait
     compile_s: float | None = None
     memory: dict[str, int] = field(default_factory=dict)
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     calls_per_repeat: int = 1
+    stage: Callable[[int], Any] = _index
 
     @property
     def key(self) -> str:
@@ -50,15 +61,23 @@ class Runner:
 
     def call(self, i: int) -> Any:
         """One call on input set ``i``, waited for."""
-        return self.wait(self.launch(i))
+        return self.wait(self.launch(self.stage(i)))
+
+    def staged(self, first: int, count: int) -> list[Any]:
+        """What ``count`` calls on consecutive input sets from ``first`` need (not timed)."""
+        return [self.stage(first + j) for j in range(count)]
+
+    def run(self, staged: list[Any]) -> None:
+        """The staged calls, launched back to back, the last waited for (the device runs them
+        in order). Only the newest result is kept alive."""
+        result = None
+        for j in range(len(staged)):
+            result = self.launch(staged[j])
+            staged[j] = None  # a donated copy is the call's own: drop our reference
+        self.wait(result)
 
     def calls(self, first: int, count: int) -> None:
-        """``count`` calls on consecutive input sets, launched back to back, the last waited for
-        (the device runs them in order). Only the newest result is kept alive."""
-        result = None
-        for j in range(count):
-            result = self.launch(first + j)
-        self.wait(result)
+        self.run(self.staged(first, count))
 
 
 def memory_of(compiled: Any) -> dict[str, int]:
@@ -88,16 +107,36 @@ def device_peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def jax_runner(name: str, mode: str | None, fn: Callable, inputs: Sequence[tuple]) -> Runner:
-    """Lower and compile ``fn`` for the inputs (timed), then call the compiled executable."""
+def jax_runner(
+    name: str, mode: str | None, fn: Callable, inputs: Sequence[tuple], *, donate: bool = False
+) -> Runner:
+    """Lower and compile ``fn`` for the inputs (timed), then call the compiled executable.
+
+    With ``donate`` the first argument is donated and every call gets a fresh copy of it.
+    """
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*inputs[0]).compile()
+    compiled = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*inputs[0]).compile()
     compile_s = time.perf_counter() - start
+    memory = memory_of(compiled)
+    if not donate:
+        return Runner(
+            name,
+            mode,
+            lambda i: compiled(*inputs[i % len(inputs)]),
+            jax.block_until_ready,
+            compile_s,
+            memory,
+        )
+    copy = jax.jit(lambda x: x.copy())
 
-    def launch(i: int):
-        return compiled(*inputs[i % len(inputs)])
+    def stage(i: int) -> tuple:
+        first, *rest = inputs[i % len(inputs)]
+        return (jax.block_until_ready(copy(first)), *rest)
 
-    return Runner(name, mode, launch, jax.block_until_ready, compile_s, memory_of(compiled))
+    def launch(args: tuple):
+        return compiled(*args)
+
+    return Runner(name, mode, launch, jax.block_until_ready, compile_s, memory, stage=stage)
 
 
 def torch_runner(
@@ -161,9 +200,10 @@ def time_interleaved(
                 runner = block[k]
                 count = runner.calls_per_repeat
                 index = (warmup + r + int(k)) * count
+                staged = runner.staged(index, count)
                 cpu_start = time.process_time()
                 start = time.perf_counter()
-                runner.calls(index, count)
+                runner.run(staged)
                 runner.wall.append((time.perf_counter() - start) / count)
                 runner.cpu.append((time.process_time() - cpu_start) / count)
                 on_call()
