@@ -7,9 +7,9 @@ range); the gradient ``exp(z - lse) * ct`` comes from ``softmax_grad_kernel.cc``
 It answers: would a custom CPU kernel move the ratio to optax that XLA:CPU's fused code cannot?
 
 The kernel is compiled on first use with the C++ compiler on ``PATH`` (``$CXX`` or ``c++``) for
-this machine (``-march=native``) against the XLA FFI headers that ship with jaxlib, into a
-temporary directory. ``available()`` is False when that fails (no compiler, not on CPU); the
-implementation is then skipped.
+this machine (``-march=native``) against the XLA FFI headers that ship with jaxlib, in a
+temporary directory removed once the library is loaded. ``available()`` is False when that
+fails (no compiler, not on CPU); the implementation is then skipped.
 """
 
 from __future__ import annotations
@@ -55,11 +55,13 @@ def available() -> bool:
     """Builds and registers the kernel once per process; False when it cannot run here."""
     if jax.default_backend() != "cpu":
         return False
+    directory = tempfile.mkdtemp(prefix="xent_bench_ffi_")
     try:
-        library = build(tempfile.mkdtemp(prefix="xent_bench_ffi_"))
+        handler = getattr(ctypes.cdll.LoadLibrary(str(build(directory))), TARGET)
     except RuntimeError:
         return False
-    handler = getattr(ctypes.cdll.LoadLibrary(str(library)), TARGET)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # a loaded library outlives its file
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
