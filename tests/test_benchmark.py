@@ -275,20 +275,37 @@ def test_no_shift_reference_point_is_optax_in_range_and_breaks_outside():
     assert not np.isfinite(float(no_shift(z.at[0, 0].set(100.0), y)))
 
 
-def test_ffi_kernel_reference_point_matches_optax_where_it_can_run():
+def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run():
     if not ffi_kernel.available():
-        pytest.skip("the C++ kernel cannot be built here (no compiler, or not on CPU)")
-    ffi_loss = cases.jax_loss("softmax_int", "ffi[no-shift]", {})
-    optax_loss = cases.jax_loss("softmax_int", "optax", {})
+        pytest.skip("the C++ kernels cannot be built here (no compiler, or not on CPU)")
+    options = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-4}
+    references = {
+        "ffi[no-shift]": cases.jax_loss("softmax_int", "optax", {}),
+        "ffi": cases.jax_loss("softmax_int", "xent_jax", {}),
+        "ffi[options]": cases.jax_loss("softmax_int", "xent_jax[options]", options),
+    }
     rng = np.random.default_rng(4)
-    # 40 and 17 classes leave a scalar tail after the 16-lane loop; 64 has none.
+    # 40 and 17 classes leave a scalar tail after the 16-lane loops; 64 has none.
     for num_classes in (40, 17, 64):
-        z = jnp.asarray(rng.normal(scale=3.0, size=(6, num_classes)), jnp.float32)
-        y = jnp.asarray(rng.integers(0, num_classes, 6), jnp.int32)
-        np.testing.assert_allclose(ffi_loss(z, y), optax_loss(z, y), rtol=2e-6)
-        np.testing.assert_allclose(
-            jax.jit(jax.grad(ffi_loss))(z, y), jax.grad(optax_loss)(z, y), rtol=2e-5, atol=1e-7
-        )
+        z = rng.normal(scale=3.0, size=(6, num_classes)).astype(np.float32)
+        y = rng.integers(0, num_classes, 6).astype(np.int32)
+        for impl, reference in references.items():
+            labels, logits = y.copy(), z.copy()
+            if impl != "ffi[no-shift]":
+                # Rows far from 0 (the statistics are max-shifted), an ignored example.
+                logits[2] += 1000.0
+                logits[3] -= 1000.0
+                labels[1] = -100 if impl == "ffi[options]" else labels[1]
+            logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+            loss = cases.jax_loss("softmax_int", impl, options)
+            np.testing.assert_allclose(
+                loss(logits, labels), reference(logits, labels), **tolerance(jnp.float32)
+            )
+            np.testing.assert_allclose(
+                jax.jit(jax.grad(loss))(logits, labels),
+                jax.grad(reference)(logits, labels),
+                **tolerance(jnp.float32),
+            )
     # The kernel's exp over the whole float32 range: within 2 ulp of float64, 0 below ~3e-38,
     # +inf above the largest float, NaN kept.
     x = np.linspace(-86.4, 88.7, 16 * 512, dtype=np.float32).reshape(512, 16)

@@ -33,6 +33,8 @@ IMPLEMENTATIONS = (
     "jnp",
     "jnp[no-shift]",  # a reference point, not a loss: see _no_shift_softmax_int
     "ffi[no-shift]",  # the same with a C++ gradient kernel: see research/bench/ffi_kernel.py
+    "ffi",  # both passes from C++ kernels (reference points, float32 on CPU)
+    "ffi[options]",
     "torch",
 )
 LOSS_TITLES = {
@@ -243,16 +245,18 @@ def jax_loss(loss: str, impl: str, options: dict[str, Any]) -> Callable | None:
         ),
         ("linear_softmax_int", "jnp"): lambda x, w, y: _jnp_softmax_int(_logits(x, w), y),
     }
-    if impl == "ffi[no-shift]" and ffi_kernel.available():
-        table[("softmax_int", impl)] = ffi_kernel.softmax_int_loss
+    if impl.startswith("ffi") and ffi_kernel.available():
+        table[("softmax_int", "ffi[no-shift]")] = ffi_kernel.softmax_int_loss
+        table[("softmax_int", "ffi")] = ffi_kernel.make_loss()
+        table[("softmax_int", "ffi[options]")] = ffi_kernel.make_loss(**options)
     if fused is not None:
         table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
     return table.get((loss, impl))
 
 
 def supports(group: Group, impl: str) -> bool:
-    """Whether ``impl`` runs on the group's dtype (the C++ kernel is float32 only)."""
-    return impl != "ffi[no-shift]" or group.dtype == "float32"
+    """Whether ``impl`` runs on the group's dtype (the C++ kernels are float32 only)."""
+    return not impl.startswith("ffi") or group.dtype == "float32"
 
 
 def jax_function(group: Group, impl: str, mode: str, options: dict[str, Any]) -> Callable | None:

@@ -1,15 +1,21 @@
-"""``ffi[no-shift]``: the gradient pass as a hand-written XLA FFI CPU kernel (benchmark only).
+"""Softmax cross-entropy from hand-written XLA FFI CPU kernels: benchmark-only reference points.
 
-A reference point for the float32 forward + backward speed bar, not a loss to train with. The
-forward is ``jnp[no-shift]``'s (one unshifted ``exp`` pass, wrong beyond the float32 ``exp``
-range); the gradient ``exp(z - lse) * ct`` comes from ``softmax_grad_kernel.cc`` (hand-vectorised
-``exp``, streaming stores, XLA's thread pool), then ``-ct`` is scattered at the labels in place.
-It answers: would a custom CPU kernel move the ratio to optax that XLA:CPU's fused code cannot?
+They answer one question for the CPU speed bars: would a custom kernel move the ratios that
+XLA:CPU's code cannot? None is a loss to train with (a ``custom_vjp`` has no forward mode, so
+no ``jax.hessian``), and all take float32 logits ``[N, K]``. ``softmax_grad_kernel.cc`` holds
+two kernels: the row statistics (``lse`` and label smoothing's class sum in one read of the
+logits) and the gradient pass (hand-vectorised ``exp``, streaming stores, XLA's thread pool).
 
-The kernel is compiled on first use with the C++ compiler on ``PATH`` (``$CXX`` or ``c++``) for
+* ``ffi[no-shift]``: ``jnp[no-shift]``'s forward (one unshifted ``exp`` pass, wrong beyond the
+  float32 ``exp`` range) with the gradient from the kernel.
+* ``ffi`` and ``ffi[options]``: both passes from the kernels (max-shifted, safe at any finite
+  offset), the latter with the benchmark's ``ignore_index``, ``label_smoothing`` and ``z_loss``
+  at no extra pass over the logits.
+
+The kernels are compiled on first use with the C++ compiler on ``PATH`` (``$CXX`` or ``c++``) for
 this machine (``-march=native``) against the XLA FFI headers that ship with jaxlib, in a
 temporary directory removed once the library is loaded. ``available()`` is False when that
-fails (no compiler, not on CPU); the implementation is then skipped.
+fails (no compiler, not on CPU); the implementations are then skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("softmax_grad_kernel.cc")
-TARGET = "xent_bench_softmax_grad"
+STATS_TARGET = "xent_bench_softmax_stats"
+GRAD_TARGET = "xent_bench_softmax_grad"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 
 
@@ -57,19 +64,30 @@ def available() -> bool:
         return False
     directory = tempfile.mkdtemp(prefix="xent_bench_ffi_")
     try:
-        handler = getattr(ctypes.cdll.LoadLibrary(str(build(directory))), TARGET)
+        library = ctypes.cdll.LoadLibrary(str(build(directory)))
     except RuntimeError:
         return False
     finally:
         shutil.rmtree(directory, ignore_errors=True)  # a loaded library outlives its file
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target in (STATS_TARGET, GRAD_TARGET):
+        handler = jax.ffi.pycapsule(getattr(library, target))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
     return True
 
 
-def softmax_gradient(z: jax.Array, lse: jax.Array, scale: jax.Array) -> jax.Array:
-    """``exp(z - lse[:, None]) * scale[:, None]`` by the kernel (float32, rows along axis 0)."""
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(z.shape, jnp.float32))
-    return call(z, lse, scale)
+def softmax_statistics(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(``logsumexp(z, -1)``, ``sum_c (lse - z_c)``) by the kernel, in one read of ``z``."""
+    row = jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32)
+    return tuple(jax.ffi.ffi_call(STATS_TARGET, (row, row))(z))
+
+
+def softmax_gradient(
+    z: jax.Array, lse: jax.Array, scale: jax.Array, offset: jax.Array | None = None
+) -> jax.Array:
+    """``exp(z - lse[:, None]) * scale[:, None] + offset[:, None]`` by the kernel."""
+    offset = jnp.zeros_like(scale) if offset is None else offset
+    call = jax.ffi.ffi_call(GRAD_TARGET, jax.ShapeDtypeStruct(z.shape, jnp.float32))
+    return call(z, lse, scale, offset)
 
 
 def _unshifted_logsumexp(z: jax.Array) -> jax.Array:
@@ -79,7 +97,7 @@ def _unshifted_logsumexp(z: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def softmax_int_loss(z: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean integer-label softmax cross-entropy of float32 logits ``[N, K]``."""
+    """``ffi[no-shift]``: the mean integer-label softmax cross-entropy."""
     return _forward(z, y)[0]
 
 
@@ -99,3 +117,41 @@ def _backward(residuals, ct):
 
 
 softmax_int_loss.defvjp(_forward, _backward)
+
+
+def make_loss(
+    *, ignore_index: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0
+):
+    """``ffi`` / ``ffi[options]``: the mean loss with xent_jax's options (its ``reduction="mean"``:
+    over the examples that are not ignored), both passes from the kernels."""
+    eps, z_coefficient = float(label_smoothing), float(z_loss)
+
+    def rows(z, y):
+        lse, smooth = softmax_statistics(z)
+        kept = jnp.ones(y.shape, bool) if ignore_index is None else y != ignore_index
+        safe = jnp.where(kept, y, 0)
+        label_logits = jnp.take_along_axis(z, safe[:, None], axis=-1)[:, 0]
+        loss = (1 - eps) * (lse - label_logits) + eps / z.shape[-1] * smooth
+        loss = loss + z_coefficient * jnp.square(lse)
+        weight = kept / jnp.maximum(jnp.sum(kept), 1)
+        return jnp.where(kept, loss, 0), lse, safe, weight
+
+    @jax.custom_vjp
+    def loss(z, y):
+        per_row, _, _, weight = rows(z, y)
+        return jnp.sum(per_row * weight)
+
+    def forward(z, y):
+        per_row, lse, safe, weight = rows(z, y)
+        return jnp.sum(per_row * weight), (z, lse, safe, weight)
+
+    def backward(residuals, ct):
+        # d loss_i / dz = p (1 + 2 lambda lse) - (1 - eps) one-hot - eps / K.
+        z, lse, safe, weight = residuals
+        c = ct * weight
+        grad = softmax_gradient(z, lse, c * (1 + 2 * z_coefficient * lse), -c * eps / z.shape[-1])
+        grad = grad.at[jnp.arange(z.shape[0]), safe].add(-(1 - eps) * c)
+        return grad, None
+
+    loss.defvjp(forward, backward)
+    return loss

@@ -1,7 +1,10 @@
-// The gradient pass of softmax cross-entropy as an XLA FFI CPU kernel: a benchmark-only
-// reference point (research/bench/ffi_kernel.py), not part of the library.
+// Softmax cross-entropy's two passes as XLA FFI CPU kernels: benchmark-only reference points
+// (research/bench/ffi_kernel.py), not part of the library.
 //
-//   out[i, j] = exp(z[i, j] - lse[i]) * scale[i]
+//   xent_bench_softmax_stats: lse[i] = log sum_j exp(z[i, j]),
+//                             smooth[i] = sum_j (lse[i] - z[i, j])   (label smoothing's sum)
+//     one read of each row from memory (the row maximum), then the sums from the cache.
+//   xent_bench_softmax_grad:  out[i, j] = exp(z[i, j] - lse[i]) * scale[i] + offset[i]
 //
 // What it tries that XLA:CPU does not emit: a hand-vectorised exp (16 lanes, Cephes expf
 // polynomial, ~2 ulp), streaming (non-temporal) stores of the fresh output, so the writes do not
@@ -14,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <initializer_list>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -63,64 +67,156 @@ inline void store(float* out, v16f value) {
   std::memcpy(out, &value, sizeof(value));
 }
 
-void rows(const float* z, const float* lse, const float* scale, float* out, int64_t k,
-          int64_t first, int64_t last) {
+inline float sum_lanes(v16f v) {
+  float total = 0.0f;
+  for (int lane = 0; lane < 16; ++lane) total += v[lane];
+  return total;
+}
+
+// Rows [first, last) of the statistics: the maximum m (a read from memory), then from the cache
+// s = sum exp(z - m) and t = sum (z - m) <= 0, so lse = m + log s and smooth = K log s - t: both
+// terms >= 0, nothing cancels at a large common offset of the logits.
+void stats_rows(const float* z, float* lse, float* smooth, int64_t k, int64_t first,
+                int64_t last) {
+  for (int64_t i = first; i < last; ++i) {
+    const float* row = z + i * k;
+    v16f m0 = splat(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+      v16f a, b;
+      std::memcpy(&a, row + j, sizeof(a));
+      std::memcpy(&b, row + j + 16, sizeof(b));
+      m0 = a > m0 ? a : m0;
+      m1 = b > m1 ? b : m1;
+    }
+    m0 = m1 > m0 ? m1 : m0;
+    float m = -INFINITY;
+    for (int lane = 0; lane < 16; ++lane) m = std::max(m, m0[lane]);
+    for (; j < k; ++j) m = std::max(m, row[j]);
+    if (!std::isfinite(m)) {  // a row of -inf, or +inf in it: no meaningful shift
+      lse[i] = m;
+      smooth[i] = NAN;
+      continue;
+    }
+    const v16f shift = splat(m);
+    v16f s0 = {}, s1 = {}, t0 = {}, t1 = {};
+    j = 0;
+    for (; j + 32 <= k; j += 32) {
+      v16f a, b;
+      std::memcpy(&a, row + j, sizeof(a));
+      std::memcpy(&b, row + j + 16, sizeof(b));
+      a = a - shift;
+      b = b - shift;
+      s0 += vexp(a);
+      s1 += vexp(b);
+      t0 += a;
+      t1 += b;
+    }
+    float s = sum_lanes(s0 + s1), t = sum_lanes(t0 + t1);
+    for (; j < k; ++j) {
+      s += std::exp(row[j] - m);
+      t += row[j] - m;
+    }
+    const float log_s = std::log(s);  // NaN in the row gives NaN here and below
+    lse[i] = m + log_s;
+    smooth[i] = static_cast<float>(k) * log_s - t;
+  }
+}
+
+void grad_rows(const float* z, const float* lse, const float* scale, const float* offset,
+               float* out, int64_t k, int64_t first, int64_t last) {
   for (int64_t i = first; i < last; ++i) {
     const float* row = z + i * k;
     float* row_out = out + i * k;
     const v16f shift = splat(lse[i]);
-    const float c = scale[i];
+    const float c = scale[i], d = offset[i];
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
       v16f x;
       std::memcpy(&x, row + j, sizeof(x));
-      store(row_out + j, vexp(x - shift) * c);
+      store(row_out + j, vexp(x - shift) * c + d);
     }
-    for (; j < k; ++j) row_out[j] = std::exp(row[j] - lse[i]) * c;
+    for (; j < k; ++j) row_out[j] = std::exp(row[j] - lse[i]) * c + d;
   }
   _mm_sfence();  // streaming stores are weakly ordered: publish them before reporting done
 }
 
-ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> lse,
-                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
-  const auto dims = z.dimensions();
-  if (dims.size() == 0) return ffi::Error::InvalidArgument("z must have a class axis");
-  const int64_t k = dims.back();
-  const int64_t n = k == 0 ? 0 : z.element_count() / k;
-  if (lse.element_count() != n || scale.element_count() != n)
-    return ffi::Error::InvalidArgument("lse and scale need one value per row of z");
-  const float* zp = z.typed_data();
-  const float* lp = lse.typed_data();
-  const float* sp = scale.typed_data();
-  float* op = out->typed_data();
+// Runs body(first, last) over [0, n) split into one range per thread of XLA's intra-op pool:
+// every range but the first goes to the pool, this thread takes the first and then waits.
+template <typename Body>
+void parallel_rows(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n);
   if (tasks <= 1) {
-    rows(zp, lp, sp, op, k, 0, n);
-    return ffi::Error::Success();
+    body(0, n);
+    return;
   }
-  // Every task but the first goes to XLA's pool; this thread takes the first and then waits.
   std::mutex mutex;
   std::condition_variable done;
   int64_t pending = tasks - 1;
   for (int64_t t = 1; t < tasks; ++t) {
     const int64_t first = n * t / tasks, last = n * (t + 1) / tasks;
     pool.Schedule([&, first, last] {
-      rows(zp, lp, sp, op, k, first, last);
+      body(first, last);
       std::lock_guard<std::mutex> lock(mutex);
       if (--pending == 0) done.notify_one();
     });
   }
-  rows(zp, lp, sp, op, k, 0, n / tasks);
+  body(0, n / tasks);
   std::unique_lock<std::mutex> lock(mutex);
   done.wait(lock, [&] { return pending == 0; });
+}
+
+// Sets (n, k) to the rows and classes of z; an error when a per-row operand does not have one
+// value per row.
+ffi::Error row_shape(const ffi::Buffer<ffi::F32>& z, std::initializer_list<int64_t> per_row,
+                     int64_t& n, int64_t& k) {
+  const auto dims = z.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("z must have a class axis");
+  k = dims.back();
+  n = k == 0 ? 0 : z.element_count() / k;
+  for (int64_t count : per_row)
+    if (count != n) return ffi::Error::InvalidArgument("need one value per row of z");
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftmaxStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                        ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> smooth) {
+  int64_t n, k;
+  ffi::Error error = row_shape(z, {lse->element_count(), smooth->element_count()}, n, k);
+  if (error.failure()) return error;
+  parallel_rows(pool, n, [&](int64_t first, int64_t last) {
+    stats_rows(z.typed_data(), lse->typed_data(), smooth->typed_data(), k, first, last);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> lse,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  int64_t n, k;
+  ffi::Error error =
+      row_shape(z, {lse.element_count(), scale.element_count(), offset.element_count()}, n, k);
+  if (error.failure()) return error;
+  parallel_rows(pool, n, [&](int64_t first, int64_t last) {
+    grad_rows(z.typed_data(), lse.typed_data(), scale.typed_data(), offset.typed_data(),
+              out->typed_data(), k, first, last);
+  });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xent_bench_softmax_stats, SoftmaxStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xent_bench_softmax_grad, SoftmaxGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
