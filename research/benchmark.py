@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 import xent_jax
-from research.bench import cases, report
+from research.bench import cases, ffi_kernel, report
 from research.bench.cases import Group
 from research.bench.timing import (
     Runner,
@@ -156,7 +156,13 @@ def environment(config: Any, argv: list[str]) -> dict[str, Any]:
         "load_average_start": load_average(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
-        "donate_logits": bool(config.get("donate_logits", False)),
+        # A string: the report's tables print booleans as a passed / failed bar.
+        "donate_logits": "on" if config.get("donate_logits", False) else "off",
+        "ffi_kernel_sha256": (
+            ffi_kernel.source_digest()
+            if any(impl.startswith("ffi") for impl in config.implementations)
+            else None
+        ),
         "dtypes": list(config.dtypes),
         "shapes": {loss: list(config.shapes[loss]) for loss in config.losses},
         "config": config.to_dict(),
@@ -219,7 +225,7 @@ def build_runners(
                 cases.torch_synchronize(),
             )
         else:
-            function = cases.jax_function(group, impl, mode, options)
+            function = cases.jax_function(group, impl, mode, options, in_place=donate)
             runner = jax_runner(impl, mode, function, inputs, donate=donate)
         runners[runner.key] = runner
         on_compile(runner)

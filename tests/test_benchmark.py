@@ -276,8 +276,9 @@ def test_no_shift_reference_point_is_optax_in_range_and_breaks_outside():
 
 
 def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run():
-    if not ffi_kernel.available():
-        pytest.skip("the C++ kernels cannot be built here (no compiler, or not on CPU)")
+    if jax.default_backend() != "cpu" or ffi_kernel.compiler() is None:
+        pytest.skip("the C++ kernels run on CPU and need a C++ compiler")
+    assert ffi_kernel.available()  # a build error raises here instead
     options = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-4}
     references = {
         "ffi[no-shift]": cases.jax_loss("softmax_int", "optax", {}),
@@ -301,20 +302,35 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
             np.testing.assert_allclose(
                 loss(logits, labels), reference(logits, labels), **tolerance(jnp.float32)
             )
+            expected = jax.grad(reference)(logits, labels)
+            grad = jax.jit(jax.grad(loss))
+            np.testing.assert_allclose(grad(logits, labels), expected, **tolerance(jnp.float32))
+            # In place (donated logits): the kernel writes over them.
+            in_place = cases.jax_loss("softmax_int", impl, options, in_place=True)
+            donated = jax.jit(jax.grad(in_place), donate_argnums=0)
             np.testing.assert_allclose(
-                jax.jit(jax.grad(loss))(logits, labels),
-                jax.grad(reference)(logits, labels),
-                **tolerance(jnp.float32),
+                donated(logits.copy(), labels), expected, **tolerance(jnp.float32)
             )
+    # ... with no logits-sized temporary (checked at a size that dwarfs the small ones).
+    big = jax.ShapeDtypeStruct((64, 1024), jnp.float32)
+    big_labels = jax.ShapeDtypeStruct((64,), jnp.int32)
+    for impl in references:
+        in_place = cases.jax_loss("softmax_int", impl, options, in_place=True)
+        donated = jax.jit(jax.grad(in_place), donate_argnums=0)
+        memory = donated.lower(big, big_labels).compile().memory_analysis()
+        assert memory.alias_size_in_bytes == 64 * 1024 * 4
+        assert memory.temp_size_in_bytes < 64 * 1024 * 4 // 8
     # The kernel's exp over the whole float32 range: within 2 ulp of float64, 0 below ~3e-38,
-    # +inf above the largest float, NaN kept.
+    # +inf above the largest float, NaN kept; the same in the 16-lane blocks and the last
+    # partial block (the first 16 columns here, then 4).
     x = np.linspace(-86.4, 88.7, 16 * 512, dtype=np.float32).reshape(512, 16)
     got = np.asarray(ffi_kernel.softmax_gradient(jnp.asarray(x), jnp.zeros(512), jnp.ones(512)))
     exact = np.exp(x.astype(np.float64))
     np.testing.assert_allclose(got, exact, rtol=2 * 2.0**-24)
-    edges = jnp.asarray([[-jnp.inf, -87.0, 89.0, jnp.nan] * 4], jnp.float32)
-    got = np.asarray(ffi_kernel.softmax_gradient(edges, jnp.zeros(1), jnp.ones(1)))[0, :4]
-    assert got[0] == 0 and got[1] == 0 and got[2] == np.inf and np.isnan(got[3])
+    edges = jnp.asarray([[-jnp.inf, -87.0, 89.0, jnp.nan] * 5], jnp.float32)
+    got = np.asarray(ffi_kernel.softmax_gradient(edges, jnp.zeros(1), jnp.ones(1)))[0]
+    for block in (got[:4], got[16:]):
+        assert block[0] == 0 and block[1] == 0 and block[2] == np.inf and np.isnan(block[3])
 
 
 def test_configs_load_and_quick_is_smaller():

@@ -201,8 +201,13 @@ def _jnp_sigmoid(z, t):
     return jnp.mean(jnp.maximum(z, 0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z))))
 
 
-def jax_loss(loss: str, impl: str, options: dict[str, Any]) -> Callable | None:
-    """The mean loss as a function of the group's inputs, or None if ``impl`` has no such loss."""
+def jax_loss(
+    loss: str, impl: str, options: dict[str, Any], *, in_place: bool = False
+) -> Callable | None:
+    """The mean loss as a function of the group's inputs, or None if ``impl`` has no such loss.
+
+    ``in_place``: the caller donates the logits (only the C++ kernels need to be told).
+    """
     fused = getattr(xent_jax, "linear_softmax_cross_entropy_with_integer_labels", None)
     if fused is None:
         try:
@@ -246,9 +251,10 @@ def jax_loss(loss: str, impl: str, options: dict[str, Any]) -> Callable | None:
         ("linear_softmax_int", "jnp"): lambda x, w, y: _jnp_softmax_int(_logits(x, w), y),
     }
     if impl.startswith("ffi") and ffi_kernel.available():
-        table[("softmax_int", "ffi[no-shift]")] = ffi_kernel.softmax_int_loss
-        table[("softmax_int", "ffi")] = ffi_kernel.make_loss()
-        table[("softmax_int", "ffi[options]")] = ffi_kernel.make_loss(**options)
+        no_shift = ffi_kernel.make_no_shift_loss(in_place=in_place)
+        table[("softmax_int", "ffi[no-shift]")] = no_shift
+        table[("softmax_int", "ffi")] = ffi_kernel.make_loss(in_place=in_place)
+        table[("softmax_int", "ffi[options]")] = ffi_kernel.make_loss(**options, in_place=in_place)
     if fused is not None:
         table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
     return table.get((loss, impl))
@@ -259,8 +265,10 @@ def supports(group: Group, impl: str) -> bool:
     return not impl.startswith("ffi") or group.dtype == "float32"
 
 
-def jax_function(group: Group, impl: str, mode: str, options: dict[str, Any]) -> Callable | None:
-    loss = jax_loss(group.loss, impl, options)
+def jax_function(
+    group: Group, impl: str, mode: str, options: dict[str, Any], *, in_place: bool = False
+) -> Callable | None:
+    loss = jax_loss(group.loss, impl, options, in_place=in_place)
     if loss is None or mode == "fwd":
         return loss
     return jax.grad(loss, argnums=(0, 1) if group.linear else 0)

@@ -6,6 +6,9 @@ no ``jax.hessian``), and all take float32 logits ``[N, K]``. ``softmax_grad_kern
 two kernels: the row statistics (``lse`` and label smoothing's class sum in one read of the
 logits) and the gradient pass (hand-vectorised ``exp``, streaming stores, XLA's thread pool).
 
+With ``in_place`` (the benchmark's ``donate_logits``) the gradient kernel writes over the
+donated logits, as XLA's own gradient pass does there.
+
 * ``ffi[no-shift]``: ``jnp[no-shift]``'s forward (one unshifted ``exp`` pass, wrong beyond the
   float32 ``exp`` range) with the gradient from the kernel.
 * ``ffi`` and ``ffi[options]``: both passes from the kernels (max-shifted, safe at any finite
@@ -27,6 +30,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -48,8 +52,7 @@ def build(directory: str | Path) -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (set CXX)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
-    library = Path(directory) / f"softmax_grad_{digest}.so"
+    library = Path(directory) / "softmax_kernels.so"
     command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -57,22 +60,37 @@ def build(directory: str | Path) -> Path:
     return library
 
 
+def source_digest() -> str:
+    """SHA-256 of the kernels' source and flags (recorded with results that use them)."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+
+
 @functools.cache
 def available() -> bool:
-    """Builds and registers the kernel once per process; False when it cannot run here."""
+    """Builds and registers the kernels once per process. False (with a warning) where they
+    cannot run: not on CPU, or no C++ compiler. A failing build raises: it is a bug."""
     if jax.default_backend() != "cpu":
+        warnings.warn("the ffi reference points run on CPU only: skipped", stacklevel=2)
         return False
-    directory = tempfile.mkdtemp(prefix="xent_bench_ffi_")
-    try:
-        library = ctypes.cdll.LoadLibrary(str(build(directory)))
-    except RuntimeError:
+    if compiler() is None:
+        warnings.warn(
+            "no C++ compiler on PATH (set CXX): ffi reference points skipped", stacklevel=2
+        )
         return False
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)  # a loaded library outlives its file
-    for target in (STATS_TARGET, GRAD_TARGET):
-        handler = jax.ffi.pycapsule(getattr(library, target))
-        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+    if not _REGISTERED:
+        directory = tempfile.mkdtemp(prefix="xent_bench_ffi_")
+        try:
+            library = ctypes.cdll.LoadLibrary(str(build(directory)))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)  # a loaded library outlives its file
+        for target in (STATS_TARGET, GRAD_TARGET):
+            handler = jax.ffi.pycapsule(getattr(library, target))
+            jax.ffi.register_ffi_target(target, handler, platform="cpu")
+        _REGISTERED.append(library)  # registered once per process, even if the cache is cleared
     return True
+
+
+_REGISTERED: list = []
 
 
 def softmax_statistics(z: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,11 +100,24 @@ def softmax_statistics(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def softmax_gradient(
-    z: jax.Array, lse: jax.Array, scale: jax.Array, offset: jax.Array | None = None
+    z: jax.Array,
+    lse: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array | None = None,
+    *,
+    in_place: bool = False,
 ) -> jax.Array:
-    """``exp(z - lse[:, None]) * scale[:, None] + offset[:, None]`` by the kernel."""
+    """``exp(z - lse[:, None]) * scale[:, None] + offset[:, None]`` by the kernel.
+
+    ``in_place``: write over ``z`` (each block is read before it is written), for programs that
+    donate the logits; without donation XLA would copy ``z`` first.
+    """
     offset = jnp.zeros_like(scale) if offset is None else offset
-    call = jax.ffi.ffi_call(GRAD_TARGET, jax.ShapeDtypeStruct(z.shape, jnp.float32))
+    call = jax.ffi.ffi_call(
+        GRAD_TARGET,
+        jax.ShapeDtypeStruct(z.shape, jnp.float32),
+        input_output_aliases={0: 0} if in_place else None,
+    )
     return call(z, lse, scale, offset)
 
 
@@ -95,32 +126,36 @@ def _unshifted_logsumexp(z: jax.Array) -> jax.Array:
     return jnp.log(jnp.sum(jnp.exp(z), axis=-1))
 
 
-@jax.custom_vjp
-def softmax_int_loss(z: jax.Array, y: jax.Array) -> jax.Array:
+def make_no_shift_loss(*, in_place: bool = False):
     """``ffi[no-shift]``: the mean integer-label softmax cross-entropy."""
-    return _forward(z, y)[0]
 
+    @jax.custom_vjp
+    def loss(z, y):
+        return forward(z, y)[0]
 
-def _forward(z, y):
-    lse = _unshifted_logsumexp(z)
-    label_logits = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-    return jnp.mean(lse - label_logits), (z, y, lse)
+    def forward(z, y):
+        lse = _unshifted_logsumexp(z)
+        label_logits = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+        return jnp.mean(lse - label_logits), (z, y, lse)
 
+    def backward(residuals, ct):
+        z, y, lse = residuals
+        scale = jnp.full(lse.shape, ct / z.shape[0], jnp.float32)
+        grad = softmax_gradient(z, lse, scale, in_place=in_place)
+        # The one-hot term: a scatter that XLA runs in place on the kernel's output.
+        grad = grad.at[jnp.arange(z.shape[0]), y].add(-scale)
+        return grad, None
 
-def _backward(residuals, ct):
-    z, y, lse = residuals
-    scale = jnp.full(lse.shape, ct / z.shape[0], jnp.float32)
-    grad = softmax_gradient(z, lse, scale)
-    # The one-hot term: a scatter that XLA runs in place on the kernel's output.
-    grad = grad.at[jnp.arange(z.shape[0]), y].add(-scale)
-    return grad, None
-
-
-softmax_int_loss.defvjp(_forward, _backward)
+    loss.defvjp(forward, backward)
+    return loss
 
 
 def make_loss(
-    *, ignore_index: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    in_place: bool = False,
 ):
     """``ffi`` / ``ffi[options]``: the mean loss with xent_jax's options (its ``reduction="mean"``:
     over the examples that are not ignored), both passes from the kernels."""
@@ -149,7 +184,8 @@ def make_loss(
         # d loss_i / dz = p (1 + 2 lambda lse) - (1 - eps) one-hot - eps / K.
         z, lse, safe, weight = residuals
         c = ct * weight
-        grad = softmax_gradient(z, lse, c * (1 + 2 * z_coefficient * lse), -c * eps / z.shape[-1])
+        scale, offset = c * (1 + 2 * z_coefficient * lse), -c * eps / z.shape[-1]
+        grad = softmax_gradient(z, lse, scale, offset, in_place=in_place)
         grad = grad.at[jnp.arange(z.shape[0]), safe].add(-(1 - eps) * c)
         return grad, None
 

@@ -295,6 +295,7 @@ def environment_table(env: Mapping[str, Any]) -> str:
         "XLA_FLAGS",
         "GLIBC_TUNABLES",
         "donate_logits",
+        "ffi_kernel_sha256",
     ]
     return markdown_table([{"key": k, "value": env.get(k)} for k in keys if k in env])
 

@@ -34,8 +34,10 @@ inline v16f splat(float x) { return v16f{} + x; }
 inline v16f vexp(v16f x) {
   const v16f lowest = splat(-86.5f);  // below: 0 (exp < 3e-38, near the subnormals)
   const v16f highest = splat(88.72283f);  // above: +inf
-  v16f clamped = x < lowest ? lowest : x;
-  clamped = clamped > highest ? highest : clamped;
+  // The clamps also send NaN to `lowest` (comparisons with NaN are false), so that no NaN
+  // reaches the float-to-int conversion; the NaN itself is restored at the end.
+  v16f clamped = x >= lowest ? x : lowest;
+  clamped = clamped <= highest ? clamped : highest;
   // Adding 1.5 * 2^23 rounds to the nearest integer in the float's last bits.
   const v16f magic = splat(12582912.f);
   v16f n = (clamped * 1.44269504088896341f + magic) - magic;
@@ -112,11 +114,21 @@ void stats_rows(const float* z, float* lse, float* smooth, int64_t k, int64_t fi
       t0 += a;
       t1 += b;
     }
-    float s = sum_lanes(s0 + s1), t = sum_lanes(t0 + t1);
-    for (; j < k; ++j) {
-      s += std::exp(row[j] - m);
-      t += row[j] - m;
+    for (; j + 16 <= k; j += 16) {
+      v16f a;
+      std::memcpy(&a, row + j, sizeof(a));
+      a = a - shift;
+      s0 += vexp(a);
+      t0 += a;
     }
+    if (j < k) {  // the last partial block: padded with -inf, whose exp and shift add nothing
+      v16f a = splat(-INFINITY);
+      std::memcpy(&a, row + j, sizeof(float) * (k - j));
+      a = a - shift;
+      s1 += vexp(a);
+      for (int64_t lane = 0; lane < k - j; ++lane) t1[lane] += a[lane];
+    }
+    const float s = sum_lanes(s0 + s1), t = sum_lanes(t0 + t1);
     const float log_s = std::log(s);  // NaN in the row gives NaN here and below
     lse[i] = m + log_s;
     smooth[i] = static_cast<float>(k) * log_s - t;
@@ -136,7 +148,12 @@ void grad_rows(const float* z, const float* lse, const float* scale, const float
       std::memcpy(&x, row + j, sizeof(x));
       store(row_out + j, vexp(x - shift) * c + d);
     }
-    for (; j < k; ++j) row_out[j] = std::exp(row[j] - lse[i]) * c + d;
+    if (j < k) {  // the last partial block, through the same exp as the others
+      v16f x = splat(0.0f);
+      std::memcpy(&x, row + j, sizeof(float) * (k - j));
+      const v16f y = vexp(x - shift) * c + d;
+      std::memcpy(row_out + j, &y, sizeof(float) * (k - j));
+    }
   }
   _mm_sfence();  // streaming stores are weakly ordered: publish them before reporting done
 }
