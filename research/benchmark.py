@@ -121,7 +121,9 @@ def memory_budget_bytes(fraction: float) -> float:
 def queued_calls(group: Group, max_calls: int, spare_bytes: float) -> int:
     """Calls that may be queued back to back (accelerators): the device frees a call's output
     only once the call has run, so up to this many gradients (and temporaries of the logits'
-    size) are alive at once; they must fit in the memory the group's inputs leave spare."""
+    size) are alive at once; they must fit in the memory the group's inputs leave spare. With
+    ``donate_logits`` each queued call holds a staged copy of the logits instead, which becomes
+    its gradient, so the same count fits."""
     per_call = group.write_bytes("fwd_bwd") + group.elements * 4
     return int(max(1, min(max_calls, spare_bytes // max(per_call, 1))))
 

@@ -254,6 +254,23 @@ def _mean_xent_loss(z, y):
     return xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
 
 
+def test_donate_logits_donates_only_what_may_be_written_in_place():
+    config = tiny_config()
+    config.donate_logits = True
+    config.implementations = ("xent_jax", "optax")
+    for group, logits_bytes in (
+        (cases.Group("softmax_int", "float32", (32, 256)), 32 * 256 * 4),
+        (cases.Group("linear_softmax_int", "float32", (16, 32, 128)), 0),  # x and w, not logits
+    ):
+        inputs = cases.make_inputs(group, 2, seed=6)
+        planned = benchmark.plan(group, config, "cpu")
+        runners = benchmark.build_runners(group, planned, inputs, config, "cpu", lambda r: None)
+        for key, runner in runners.items():
+            in_place = runner.mode == "fwd_bwd" or key == "(copy)"
+            expected = logits_bytes if in_place else 0
+            assert runner.memory["alias_bytes"] == expected, key
+
+
 def test_queued_calls_fit_in_the_spare_memory():
     group = cases.Group("softmax_int", "float32", (8192, 32768))  # 1 GiB gradient, 1 GiB temp
     assert benchmark.queued_calls(group, 64, 10 * 2**30) == 5
