@@ -6,6 +6,8 @@ Launch (full: ``make bench``; quick, under 2 minutes on 2 CPU cores: ``make benc
     python -m research.benchmark --config configs/benchmark.py:quick
     python -m research.benchmark --config configs/benchmark.py:quick \
         --config.repeats=3 --config.dtypes=float32 --workdir /tmp/bench
+    # compute only: gradients written into donated copies of the logits (no page faults)
+    python -m research.benchmark --config configs/benchmark.py --config.donate_logits=True
 
 Shapes are ``"NxK"`` strings (``"NxDxV"`` for the fused linear loss), e.g.
 ``--config.shapes.softmax_int=1024x8192,8192x32768``. Groups whose inputs would not fit in
