@@ -209,10 +209,10 @@ def build_runners(
     refs = cases.reference_kernels(group, backend)
     torch_inputs: dict[str, list] = {}
     runners: dict[str, Runner] = {}
+    # In place (config.donate_logits): the gradient, or the copy limit, may overwrite a fresh
+    # copy of the logits, so no fresh output buffer is timed.
+    in_place = config.get("donate_logits", False) and not group.linear
     for impl, mode in planned:
-        # In place (config.donate_logits): the gradient, or the copy limit, may overwrite a
-        # fresh copy of the logits, so no fresh output buffer is timed.
-        in_place = config.get("donate_logits", False) and not group.linear
         donate = in_place and (impl == "(copy)" if mode is None else mode == "fwd_bwd")
         if mode is None:
             runner = jax_runner(impl, None, refs[impl], inputs, donate=donate)

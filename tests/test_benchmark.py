@@ -243,15 +243,11 @@ def test_donated_runner_writes_the_gradient_in_place_and_keeps_the_input_sets():
     runner = jax_runner("xent_jax", "fwd_bwd", gradient, inputs, donate=True)
     assert runner.memory["alias_bytes"] == 64 * 256 * 4  # the gradient took the copy's buffer
     time_interleaved([runner], repeats=3, warmup=1)
-    expected = jax.grad(_mean_xent_loss)(*inputs[1])
+    expected = gradient(*inputs[1])  # not donated
     np.testing.assert_allclose(runner.call(1), expected, **tolerance(jnp.float32))
     for (z, _), original in zip(inputs, originals, strict=True):
         assert not z.is_deleted()  # each call donated a copy, never an input set
         np.testing.assert_array_equal(np.asarray(z), original)
-
-
-def _mean_xent_loss(z, y):
-    return xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
 
 
 def test_donate_logits_donates_only_what_may_be_written_in_place():

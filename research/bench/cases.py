@@ -251,7 +251,7 @@ def jax_loss(
         ("linear_softmax_int", "jnp"): lambda x, w, y: _jnp_softmax_int(_logits(x, w), y),
     }
     if impl.startswith("ffi") and ffi_kernel.available():
-        no_shift = ffi_kernel.make_no_shift_loss(in_place=in_place)
+        no_shift = ffi_kernel.make_no_shift_loss(_unshifted_logsumexp, in_place=in_place)
         table[("softmax_int", "ffi[no-shift]")] = no_shift
         table[("softmax_int", "ffi")] = ffi_kernel.make_loss(in_place=in_place)
         table[("softmax_int", "ffi[options]")] = ffi_kernel.make_loss(**options, in_place=in_place)
