@@ -1,0 +1,114 @@
+"""The README's code runs as printed, and the results its comments state are the library's.
+
+Each ```python block of README.md is executed as a new user would paste it. A statement whose
+trailing comment starts with a number (``# 0.811 bits``) must evaluate to that number to the
+digits shown; the other claims of the blocks are checked one by one below.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xent_jax
+from tests.tolerances import tolerance
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.MULTILINE | re.DOTALL)
+_STATED_NUMBER = re.compile(r"#\s*(-?\d+\.\d+)\b")
+
+
+def _blocks() -> list[str]:
+    text = README.read_text()
+    # A block indented inside a list item is dedented by its fence's indentation.
+    return [
+        "\n".join(line[len(indent) :] for line in body.splitlines())
+        for indent, body in _BLOCK.findall(text)
+    ]
+
+
+def _block_with(marker: str) -> str:
+    matches = [block for block in _blocks() if marker in block]
+    assert len(matches) == 1, f"expected one README python block with {marker!r}"
+    return matches[0]
+
+
+def _run(block: str, namespace: dict | None = None) -> tuple[dict, list]:
+    """Executes ``block`` statement by statement (in ``namespace``, a fresh one by default);
+    returns the namespace and, for every top-level expression statement, ``(value, the comment
+    on its last line or "")``."""
+    lines = block.splitlines()
+    namespace = {} if namespace is None else namespace
+    expressions = []
+    for statement in ast.parse(block).body:
+        module = ast.Module(body=[statement], type_ignores=[])
+        if isinstance(statement, ast.Expr):
+            value = eval(compile(ast.Expression(statement.value), "README.md", "eval"), namespace)
+            last_line = lines[statement.end_lineno - 1]
+            comment = last_line[last_line.index("#") :] if "#" in last_line else ""
+            expressions.append((value, comment))
+        else:
+            exec(compile(module, "README.md", "exec"), namespace)
+    return namespace, expressions
+
+
+def _after_quickstart(marker: str) -> tuple[dict, list]:
+    """Runs the block with ``marker`` where a reader runs it: after the Quickstart's imports."""
+    namespace, _ = _run(_block_with("import xent_jax"))
+    return _run(_block_with(marker), namespace)
+
+
+def test_every_python_block_of_the_readme_is_checked_here():
+    markers = ("import xent_jax", "@xent_jax.checked", "linear_softmax_cross_entropy")
+    assert len(_blocks()) == len(markers)
+    for marker in markers:
+        _block_with(marker)
+
+
+def test_quickstart_runs_and_its_stated_values_hold():
+    _, expressions = _run(_block_with("import xent_jax"))
+    stated = [(value, _STATED_NUMBER.match(comment)) for value, comment in expressions]
+    stated = [(value, float(match.group(1)), match.group(1)) for value, match in stated if match]
+    assert len(stated) == 2  # the entropy and cross-entropy examples, in bits
+    for value, number, text in stated:
+        decimals = len(text.split(".")[1])
+        assert abs(float(value) - number) <= 0.5 * 10.0**-decimals, (text, float(value))
+
+    values = [value for value, _ in expressions]
+    per_example, with_options, autodiff, closed_form = values[:4]
+    assert per_example.shape == (2,)
+    assert with_options.shape == ()
+    f32 = tolerance(jnp.float32)
+    np.testing.assert_allclose(autodiff, closed_form, **f32)
+    # "softmax - one-hot", averaged over the two examples.
+    logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.0]])
+    expected = (jax.nn.softmax(logits) - jax.nn.one_hot(jnp.array([0, 1]), 3)) / 2
+    np.testing.assert_allclose(autodiff, expected, **f32)
+
+
+def test_the_hard_error_example_raises_the_error_it_prints():
+    block = _block_with("@xent_jax.checked")
+    namespace, _ = _after_quickstart("@xent_jax.checked")
+    printed = re.search(r"# (ValueError: .*)", block).group(1)
+    logits = jnp.zeros((2, 4))
+    with pytest.raises(ValueError) as error:
+        namespace["loss"](logits, jnp.array([0, 7]))
+    assert f"ValueError: {error.value}" == printed
+    np.testing.assert_allclose(namespace["loss"](logits, jnp.array([0, 3])), np.log(4), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_large_vocabulary_example_gives_the_materialised_loss():
+    namespace, _ = _after_quickstart("linear_softmax_cross_entropy")
+    x, w, labels = namespace["x"], namespace["w"], namespace["labels"]
+    dx, dw = namespace["grads"]
+    assert dx.shape == x.shape and dw.shape == w.shape
+    assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(dw)).all()
+    materialised = xent_jax.softmax_cross_entropy_with_integer_labels(
+        x @ w, labels, reduction="mean"
+    )
+    np.testing.assert_allclose(namespace["loss"], materialised, **tolerance(jnp.float32))
