@@ -35,7 +35,10 @@ def get_config(arg=None):
     # Also available: "jnp[no-shift]" (integer labels only), the fastest formulation XLA is
     # given and unsafe outside the float32 exp range; a reference point for the speed bars.
     # "ffi[no-shift]": the same forward with the gradient pass from a hand-written C++ XLA FFI
-    # kernel (float32 on CPU; built on first use with the C++ compiler on PATH).
+    # kernel (float32 on CPU; built on first use with the C++ compiler on PATH); "ffi" and
+    # "ffi[options]" both passes from kernels (max-shifted statistics), "ffi[hinted]" and
+    # "ffi[hinted+options]" with the statistics around the label logit
+    # (research/bench/ffi_kernel.py).
     config.options = ml_collections.ConfigDict(
         {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-4}
     )

@@ -297,6 +297,8 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
         "ffi[no-shift]": cases.jax_loss("softmax_int", "optax", {}),
         "ffi": cases.jax_loss("softmax_int", "xent_jax", {}),
         "ffi[options]": cases.jax_loss("softmax_int", "xent_jax[options]", options),
+        "ffi[hinted]": cases.jax_loss("softmax_int", "xent_jax", {}),
+        "ffi[hinted+options]": cases.jax_loss("softmax_int", "xent_jax[options]", options),
     }
     rng = np.random.default_rng(4)
     # 40 and 17 classes leave a scalar tail after the 16-lane loops; 64 has none.
@@ -309,12 +311,19 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
                 # Rows far from 0 (the statistics are max-shifted), an ignored example.
                 logits[2] += 1000.0
                 logits[3] -= 1000.0
-                labels[1] = -100 if impl == "ffi[options]" else labels[1]
+                labels[1] = -100 if impl.endswith("options]") else labels[1]
             logits, labels = jnp.asarray(logits), jnp.asarray(labels)
             loss = cases.jax_loss("softmax_int", impl, options)
             np.testing.assert_allclose(
                 loss(logits, labels), reference(logits, labels), **tolerance(jnp.float32)
             )
+            if "hinted" in impl:
+                # A logit 100 above its row's label logit: past the hinted sums' exp range, so
+                # the max-shifted kernel takes over.
+                far = logits.at[4, (labels[4] + 1) % num_classes].add(100.0)
+                np.testing.assert_allclose(
+                    loss(far, labels), reference(far, labels), **tolerance(jnp.float32)
+                )
             expected = jax.grad(reference)(logits, labels)
             grad = jax.jit(jax.grad(loss))
             np.testing.assert_allclose(grad(logits, labels), expected, **tolerance(jnp.float32))

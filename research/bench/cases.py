@@ -8,6 +8,7 @@ the limits on the same array (``(copy)``, ``(read)``, ``(exp)``, ``(matmul)``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,8 @@ IMPLEMENTATIONS = (
     "ffi[no-shift]",  # the same with a C++ gradient kernel: see research/bench/ffi_kernel.py
     "ffi",  # both passes from C++ kernels (reference points, float32 on CPU)
     "ffi[options]",
+    "ffi[hinted]",  # statistics around the label logit, as xent_jax's CPU fast path
+    "ffi[hinted+options]",
     "torch",
 )
 LOSS_TITLES = {
@@ -255,6 +258,9 @@ def jax_loss(
         table[("softmax_int", "ffi[no-shift]")] = no_shift
         table[("softmax_int", "ffi")] = ffi_kernel.make_loss(in_place=in_place)
         table[("softmax_int", "ffi[options]")] = ffi_kernel.make_loss(**options, in_place=in_place)
+        hinted = functools.partial(ffi_kernel.make_loss, in_place=in_place, hinted=True)
+        table[("softmax_int", "ffi[hinted]")] = hinted()
+        table[("softmax_int", "ffi[hinted+options]")] = hinted(**options)
     if fused is not None:
         table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
     return table.get((loss, impl))

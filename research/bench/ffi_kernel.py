@@ -3,8 +3,9 @@
 They answer one question for the CPU speed bars: would a custom kernel move the ratios that
 XLA:CPU's code cannot? None is a loss to train with (a ``custom_vjp`` has no forward mode, so
 no ``jax.hessian``), and all take float32 logits ``[N, K]``. ``softmax_grad_kernel.cc`` holds
-two kernels: the row statistics (``lse`` and label smoothing's class sum in one read of the
-logits) and the gradient pass (hand-vectorised ``exp``, streaming stores, XLA's thread pool).
+the kernels: the row statistics (``lse`` and label smoothing's class sum in one read of the
+logits; max-shifted, or around a hint) and the gradient pass (hand-vectorised ``exp``,
+streaming stores, XLA's thread pool).
 
 With ``in_place`` (the benchmark's ``donate_logits``) the gradient kernel writes over the
 donated logits, as XLA's own gradient pass does there.
@@ -14,6 +15,9 @@ donated logits, as XLA's own gradient pass does there.
 * ``ffi`` and ``ffi[options]``: both passes from the kernels (max-shifted, safe at any finite
   offset), the latter with the benchmark's ``ignore_index``, ``label_smoothing`` and ``z_loss``
   at no extra pass over the logits.
+* ``ffi[hinted]`` and ``ffi[hinted+options]``: the same with the statistics summed around the
+  label logit in one read and no row maximum (xent_jax's CPU formulation, the same fallback to
+  the max-shifted kernel): what a kernel would cost inside xent_jax's own fast path.
 
 The kernels are compiled on first use with the C++ compiler on ``PATH`` (``$CXX`` or ``c++``) for
 this machine (``-march=native``) against the XLA FFI headers that ship with jaxlib, in a
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("softmax_grad_kernel.cc")
 STATS_TARGET = "xent_bench_softmax_stats"
 GRAD_TARGET = "xent_bench_softmax_grad"
+HINTED_TARGET = "xent_bench_softmax_hinted_stats"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 
 
@@ -83,7 +88,7 @@ def available() -> bool:
             library = ctypes.cdll.LoadLibrary(str(build(directory)))
         finally:
             shutil.rmtree(directory, ignore_errors=True)  # a loaded library outlives its file
-        for target in (STATS_TARGET, GRAD_TARGET):
+        for target in (STATS_TARGET, HINTED_TARGET, GRAD_TARGET):
             handler = jax.ffi.pycapsule(getattr(library, target))
             jax.ffi.register_ffi_target(target, handler, platform="cpu")
         _REGISTERED.append(library)  # registered once per process, even if the cache is cleared
@@ -97,6 +102,21 @@ def softmax_statistics(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(``logsumexp(z, -1)``, ``sum_c (lse - z_c)``) by the kernel, in one read of ``z``."""
     row = jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32)
     return tuple(jax.ffi.ffi_call(STATS_TARGET, (row, row))(z))
+
+
+def hinted_statistics(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same as ``softmax_statistics`` in one read of ``z`` without its maximum: sums taken
+    around ``hint`` (a logit of each row, the label's), as xent_jax's CPU fast path does; the
+    max-shifted kernel where a logit lies beyond the float32 ``exp`` range above the hint (or a
+    sum is not finite), under ``lax.cond``."""
+    hint = jnp.where(jnp.isfinite(hint), hint, 0)
+    row = jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32)
+    total, centred = jax.ffi.ffi_call(HINTED_TARGET, (row, row))(z, hint)
+    offset = jnp.log(total)
+    usable = (total >= 1) & (total <= jnp.finfo(jnp.float32).max) & jnp.isfinite(centred)
+    # sum_c (lse - z_c) = K (lse - hint) + sum_c (hint - z_c), lse = hint + offset.
+    hinted = hint + offset, z.shape[-1] * offset + centred
+    return jax.lax.cond(jnp.all(usable), lambda: hinted, lambda: softmax_statistics(z))
 
 
 def softmax_gradient(
@@ -152,16 +172,22 @@ def make_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     in_place: bool = False,
+    hinted: bool = False,
 ):
     """``ffi`` / ``ffi[options]``: the mean loss with xent_jax's options (its ``reduction="mean"``:
-    over the examples that are not ignored), both passes from the kernels."""
+    over the examples that are not ignored), both passes from the kernels. ``hinted``
+    (``ffi[hinted]``, ``ffi[hinted+options]``): the statistics by ``hinted_statistics`` around the
+    label logit."""
     eps, z_coefficient = float(label_smoothing), float(z_loss)
 
     def rows(z, y):
-        lse, smooth = softmax_statistics(z)
         kept = jnp.ones(y.shape, bool) if ignore_index is None else y != ignore_index
         safe = jnp.where(kept, y, 0)
         label_logits = jnp.take_along_axis(z, safe[:, None], axis=-1)[:, 0]
+        if hinted:
+            lse, smooth = hinted_statistics(z, label_logits)
+        else:
+            lse, smooth = softmax_statistics(z)
         loss = (1 - eps) * (lse - label_logits) + eps / z.shape[-1] * smooth
         loss = loss + z_coefficient * jnp.square(lse)
         weight = kept / jnp.maximum(jnp.sum(kept), 1)

@@ -4,6 +4,9 @@
 //   xent_bench_softmax_stats: lse[i] = log sum_j exp(z[i, j]),
 //                             smooth[i] = sum_j (lse[i] - z[i, j])   (label smoothing's sum)
 //     one read of each row from memory (the row maximum), then the sums from the cache.
+//   xent_bench_softmax_hinted_stats: total[i] = sum_j exp(z[i, j] - hint[i]),
+//                                    centred[i] = sum_j (hint[i] - z[i, j])
+//     one read of each row, no maximum (xent_jax's CPU formulation: the label logit as hint).
 //   xent_bench_softmax_grad:  out[i, j] = exp(z[i, j] - lse[i]) * scale[i] + offset[i]
 //
 // What it tries that XLA:CPU does not emit: a hand-vectorised exp (16 lanes, Cephes expf
@@ -75,6 +78,40 @@ inline float sum_lanes(v16f v) {
   return total;
 }
 
+// s = sum_j exp(row[j] - c) and t = sum_j (row[j] - c) over one row of k classes.
+inline void shifted_sums(const float* row, int64_t k, float c, float& s, float& t) {
+  const v16f shift = splat(c);
+  v16f s0 = {}, s1 = {}, t0 = {}, t1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= k; j += 32) {
+    v16f a, b;
+    std::memcpy(&a, row + j, sizeof(a));
+    std::memcpy(&b, row + j + 16, sizeof(b));
+    a = a - shift;
+    b = b - shift;
+    s0 += vexp(a);
+    s1 += vexp(b);
+    t0 += a;
+    t1 += b;
+  }
+  for (; j + 16 <= k; j += 16) {
+    v16f a;
+    std::memcpy(&a, row + j, sizeof(a));
+    a = a - shift;
+    s0 += vexp(a);
+    t0 += a;
+  }
+  if (j < k) {  // the last partial block: padded with -inf, whose exp adds nothing
+    v16f a = splat(-INFINITY);
+    std::memcpy(&a, row + j, sizeof(float) * (k - j));
+    a = a - shift;
+    s1 += vexp(a);
+    for (int64_t lane = 0; lane < k - j; ++lane) t1[lane] += a[lane];
+  }
+  s = sum_lanes(s0 + s1);
+  t = sum_lanes(t0 + t1);
+}
+
 // Rows [first, last) of the statistics: the maximum m (a read from memory), then from the cache
 // s = sum exp(z - m) and t = sum (z - m) <= 0, so lse = m + log s and smooth = K log s - t: both
 // terms >= 0, nothing cancels at a large common offset of the logits.
@@ -100,38 +137,25 @@ void stats_rows(const float* z, float* lse, float* smooth, int64_t k, int64_t fi
       smooth[i] = NAN;
       continue;
     }
-    const v16f shift = splat(m);
-    v16f s0 = {}, s1 = {}, t0 = {}, t1 = {};
-    j = 0;
-    for (; j + 32 <= k; j += 32) {
-      v16f a, b;
-      std::memcpy(&a, row + j, sizeof(a));
-      std::memcpy(&b, row + j + 16, sizeof(b));
-      a = a - shift;
-      b = b - shift;
-      s0 += vexp(a);
-      s1 += vexp(b);
-      t0 += a;
-      t1 += b;
-    }
-    for (; j + 16 <= k; j += 16) {
-      v16f a;
-      std::memcpy(&a, row + j, sizeof(a));
-      a = a - shift;
-      s0 += vexp(a);
-      t0 += a;
-    }
-    if (j < k) {  // the last partial block: padded with -inf, whose exp and shift add nothing
-      v16f a = splat(-INFINITY);
-      std::memcpy(&a, row + j, sizeof(float) * (k - j));
-      a = a - shift;
-      s1 += vexp(a);
-      for (int64_t lane = 0; lane < k - j; ++lane) t1[lane] += a[lane];
-    }
-    const float s = sum_lanes(s0 + s1), t = sum_lanes(t0 + t1);
+    float s, t;
+    shifted_sums(row, k, m, s, t);
     const float log_s = std::log(s);  // NaN in the row gives NaN here and below
     lse[i] = m + log_s;
     smooth[i] = static_cast<float>(k) * log_s - t;
+  }
+}
+
+// Rows [first, last) of the hinted statistics, in one read of each row from memory and no
+// maximum: total = sum exp(z - hint) and centred = sum (hint - z), the caller's hint being a
+// logit of the row (the label's), so total >= 1. total overflows (to +inf) when some logit lies
+// more than ~88.7 above the hint; the caller then takes the max-shifted kernel instead.
+void hinted_rows(const float* z, const float* hint, float* total, float* centred, int64_t k,
+                 int64_t first, int64_t last) {
+  for (int64_t i = first; i < last; ++i) {
+    float s, t;
+    shifted_sums(z + i * k, k, hint[i], s, t);
+    total[i] = s;
+    centred[i] = -t;
   }
 }
 
@@ -207,6 +231,20 @@ ffi::Error SoftmaxStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
   return ffi::Error::Success();
 }
 
+ffi::Error SoftmaxHintedStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                              ffi::Buffer<ffi::F32> hint, ffi::ResultBuffer<ffi::F32> total,
+                              ffi::ResultBuffer<ffi::F32> centred) {
+  int64_t n, k;
+  ffi::Error error = row_shape(
+      z, {hint.element_count(), total->element_count(), centred->element_count()}, n, k);
+  if (error.failure()) return error;
+  parallel_rows(pool, n, [&](int64_t first, int64_t last) {
+    hinted_rows(z.typed_data(), hint.typed_data(), total->typed_data(), centred->typed_data(), k,
+                first, last);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> lse,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
                        ffi::ResultBuffer<ffi::F32> out) {
@@ -226,6 +264,14 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffe
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xent_bench_softmax_stats, SoftmaxStats,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xent_bench_softmax_hinted_stats, SoftmaxHintedStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
