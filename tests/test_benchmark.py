@@ -308,7 +308,8 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
         for impl, reference in references.items():
             labels, logits = y.copy(), z.copy()
             if impl != "ffi[no-shift]":
-                # Rows far from 0 (the statistics are max-shifted), an ignored example.
+                # Rows far from 0 (max-shifted statistics, or sums around the label logit
+                # for the hinted ones), an ignored example.
                 logits[2] += 1000.0
                 logits[3] -= 1000.0
                 labels[1] = -100 if impl.endswith("options]") else labels[1]
@@ -323,6 +324,11 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
                 far = logits.at[4, (labels[4] + 1) % num_classes].add(100.0)
                 np.testing.assert_allclose(
                     loss(far, labels), reference(far, labels), **tolerance(jnp.float32)
+                )
+                np.testing.assert_allclose(
+                    jax.grad(loss)(far, labels),
+                    jax.grad(reference)(far, labels),
+                    **tolerance(jnp.float32),
                 )
             expected = jax.grad(reference)(logits, labels)
             grad = jax.jit(jax.grad(loss))
@@ -353,6 +359,39 @@ def test_ffi_kernel_reference_points_match_optax_and_xent_jax_where_they_can_run
     got = np.asarray(ffi_kernel.softmax_gradient(edges, jnp.zeros(1), jnp.ones(1)))[0]
     for block in (got[:4], got[16:]):
         assert block[0] == 0 and block[1] == 0 and block[2] == np.inf and np.isnan(block[3])
+
+
+def test_ffi_statistics_kernels_match_float64_row_by_row():
+    if jax.default_backend() != "cpu" or ffi_kernel.compiler() is None:
+        pytest.skip("the C++ kernels run on CPU and need a C++ compiler")
+    assert ffi_kernel.available()
+    rng = np.random.default_rng(7)
+    # 5 classes: the tail alone; 17, 40: 16- and 32-lane blocks and a tail; 64: no tail.
+    for num_classes in (5, 17, 40, 64):
+        z = rng.normal(scale=3.0, size=(8, num_classes)).astype(np.float32)
+        z[1] += 1000.0  # far from 0: fine around the label logit
+        labels = rng.integers(0, num_classes, 8)
+        hint = z[np.arange(8), labels]
+        total, centred = ffi_kernel.hinted_sums(jnp.asarray(z), jnp.asarray(hint))
+        z64, hint64 = z.astype(np.float64), hint.astype(np.float64)[:, None]
+        np.testing.assert_allclose(total, np.exp(z64 - hint64).sum(-1), rtol=1e-5)
+        np.testing.assert_allclose(centred, (hint64 - z64).sum(-1), rtol=1e-5, atol=1e-3)
+        assert bool(ffi_kernel.hinted_sums_usable(total, centred))
+        # Unusable (the fallback's cue): a logit 100 above the label's, a -inf, a NaN.
+        other = (labels[3] + 1) % num_classes
+        for value in (hint[3] + 100.0, -np.inf, np.nan):
+            bad = z.copy()
+            bad[3, other] = value
+            sums = ffi_kernel.hinted_sums(jnp.asarray(bad), jnp.asarray(hint))
+            assert not bool(ffi_kernel.hinted_sums_usable(*sums)), value
+        # The max-shifted kernel: lse and label smoothing's sum, NaN for a row with a NaN.
+        lse, smooth = ffi_kernel.softmax_statistics(jnp.asarray(z))
+        lse64 = np.log(np.exp(z64 - z64.max(-1, keepdims=True)).sum(-1)) + z64.max(-1)
+        np.testing.assert_allclose(lse, lse64, rtol=1e-6)
+        np.testing.assert_allclose(smooth, (lse64[:, None] - z64).sum(-1), rtol=1e-5, atol=1e-3)
+        edges = np.stack([np.full(num_classes, np.nan), np.full(num_classes, -np.inf)])
+        lse, _ = ffi_kernel.softmax_statistics(jnp.asarray(edges, jnp.float32))
+        assert np.isnan(lse[0]) and lse[1] == -np.inf
 
 
 def test_configs_load_and_quick_is_smaller():

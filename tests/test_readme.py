@@ -6,7 +6,9 @@ digits shown; the other claims of the blocks are checked one by one below.
 """
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import jax
@@ -19,16 +21,31 @@ from tests.tolerances import tolerance
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.MULTILINE | re.DOTALL)
+# Any fence that opens Python code, however it is tagged (```py, ```python3, ...).
+_ANY_PYTHON_FENCE = re.compile(r"^ *```\s*py", re.MULTILINE)
 _STATED_NUMBER = re.compile(r"#\s*(-?\d+\.\d+)\b")
+# torch.nn.functional.cross_entropy on the Quickstart's logits and labels with its options
+# (label_smoothing=0.1, weight=[1, 2, 0.5], ignore_index=-100, reduction="mean"), computed once
+# in float64 with torch 2.13.0+cpu (torch is not a dependency).
+_TORCH_QUICKSTART_LOSS = 0.3359069563261323
 
 
 def _blocks() -> list[str]:
     text = README.read_text()
-    # A block indented inside a list item is dedented by its fence's indentation.
-    return [
-        "\n".join(line[len(indent) :] for line in body.splitlines())
-        for indent, body in _BLOCK.findall(text)
-    ]
+    found = _BLOCK.findall(text)
+    assert len(found) == len(_ANY_PYTHON_FENCE.findall(text)), "tag README code as ```python"
+    blocks = []
+    for indent, body in found:
+        # A block indented inside a list item is dedented by its fence's indentation.
+        assert all(line.startswith(indent) or not line.strip() for line in body.splitlines())
+        blocks.append("\n".join(line[len(indent) :] for line in body.splitlines()))
+    return blocks
+
+
+def _comments_by_line(block: str) -> dict[int, str]:
+    """The comment on each line of ``block`` (a ``#`` inside a string is not one)."""
+    tokens = tokenize.generate_tokens(io.StringIO(block).readline)
+    return {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
 
 
 def _block_with(marker: str) -> str:
@@ -41,16 +58,14 @@ def _run(block: str, namespace: dict | None = None) -> tuple[dict, list]:
     """Executes ``block`` statement by statement (in ``namespace``, a fresh one by default);
     returns the namespace and, for every top-level expression statement, ``(value, the comment
     on its last line or "")``."""
-    lines = block.splitlines()
+    comments = _comments_by_line(block)
     namespace = {} if namespace is None else namespace
     expressions = []
     for statement in ast.parse(block).body:
         module = ast.Module(body=[statement], type_ignores=[])
         if isinstance(statement, ast.Expr):
             value = eval(compile(ast.Expression(statement.value), "README.md", "eval"), namespace)
-            last_line = lines[statement.end_lineno - 1]
-            comment = last_line[last_line.index("#") :] if "#" in last_line else ""
-            expressions.append((value, comment))
+            expressions.append((value, comments.get(statement.end_lineno, "")))
         else:
             exec(compile(module, "README.md", "exec"), namespace)
     return namespace, expressions
@@ -81,7 +96,8 @@ def test_quickstart_runs_and_its_stated_values_hold():
     values = [value for value, _ in expressions]
     per_example, with_options, autodiff, closed_form = values[:4]
     assert per_example.shape == (2,)
-    assert with_options.shape == ()
+    # "torch's numbers": PyTorch's loss for the same call.
+    np.testing.assert_allclose(with_options, _TORCH_QUICKSTART_LOSS, **tolerance(jnp.float32))
     f32 = tolerance(jnp.float32)
     np.testing.assert_allclose(autodiff, closed_form, **f32)
     # "softmax - one-hot", averaged over the two examples.

@@ -16,8 +16,9 @@ donated logits, as XLA's own gradient pass does there.
   offset), the latter with the benchmark's ``ignore_index``, ``label_smoothing`` and ``z_loss``
   at no extra pass over the logits.
 * ``ffi[hinted]`` and ``ffi[hinted+options]``: the same with the statistics summed around the
-  label logit in one read and no row maximum (xent_jax's CPU formulation, the same fallback to
-  the max-shifted kernel): what a kernel would cost inside xent_jax's own fast path.
+  label logit in one read and no row maximum (the work per element of xent_jax's CPU fast
+  path), the max-shifted kernel as the fallback: what a kernel would cost inside xent_jax's own
+  fast path.
 
 The kernels are compiled on first use with the C++ compiler on ``PATH`` (``$CXX`` or ``c++``) for
 this machine (``-march=native``) against the XLA FFI headers that ship with jaxlib, in a
@@ -104,19 +105,32 @@ def softmax_statistics(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return tuple(jax.ffi.ffi_call(STATS_TARGET, (row, row))(z))
 
 
-def hinted_statistics(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The same as ``softmax_statistics`` in one read of ``z`` without its maximum: sums taken
-    around ``hint`` (a logit of each row, the label's), as xent_jax's CPU fast path does; the
-    max-shifted kernel where a logit lies beyond the float32 ``exp`` range above the hint (or a
-    sum is not finite), under ``lax.cond``."""
-    hint = jnp.where(jnp.isfinite(hint), hint, 0)
+def hinted_sums(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(``sum_c exp(z_c - hint)``, ``sum_c (hint - z_c)``) per row by the kernel, in one read of
+    ``z`` and without its maximum."""
     row = jax.ShapeDtypeStruct(z.shape[:-1], jnp.float32)
-    total, centred = jax.ffi.ffi_call(HINTED_TARGET, (row, row))(z, hint)
+    return tuple(jax.ffi.ffi_call(HINTED_TARGET, (row, row))(z, hint))
+
+
+def hinted_sums_usable(total: jax.Array, centred: jax.Array) -> jax.Array:
+    """Whether every row's hinted sums are usable: False where a logit lies beyond the float32
+    ``exp`` range above the hint (``total`` overflows), or a logit is infinite or NaN."""
+    return jnp.all((total <= jnp.finfo(jnp.float32).max) & jnp.isfinite(centred))
+
+
+def hinted_statistics(z: jax.Array, hint: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same as ``softmax_statistics`` from ``hinted_sums`` around ``hint`` (a logit of each
+    row, the label's): the same work per element as xent_jax's CPU fast path (one read, no
+    maximum). The max-shifted kernel where the sums are not usable, under ``lax.cond``. Its
+    fast path is wider than xent_jax's, which sums ``exp(z_c)`` unshifted and so falls back
+    for logits beyond the ``exp`` range whatever the hint."""
+    hint = jnp.where(jnp.isfinite(hint), hint, 0)
+    total, centred = hinted_sums(z, hint)
     offset = jnp.log(total)
-    usable = (total >= 1) & (total <= jnp.finfo(jnp.float32).max) & jnp.isfinite(centred)
     # sum_c (lse - z_c) = K (lse - hint) + sum_c (hint - z_c), lse = hint + offset.
     hinted = hint + offset, z.shape[-1] * offset + centred
-    return jax.lax.cond(jnp.all(usable), lambda: hinted, lambda: softmax_statistics(z))
+    usable = hinted_sums_usable(total, centred)
+    return jax.lax.cond(usable, lambda: hinted, lambda: softmax_statistics(z))
 
 
 def softmax_gradient(

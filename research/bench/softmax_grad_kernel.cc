@@ -132,8 +132,10 @@ void stats_rows(const float* z, float* lse, float* smooth, int64_t k, int64_t fi
     float m = -INFINITY;
     for (int lane = 0; lane < 16; ++lane) m = std::max(m, m0[lane]);
     for (; j < k; ++j) m = std::max(m, row[j]);
-    if (!std::isfinite(m)) {  // a row of -inf, or +inf in it: no meaningful shift
-      lse[i] = m;
+    if (!std::isfinite(m)) {  // a row of -inf or NaN (the max skips NaN), or +inf in it
+      bool has_nan = false;
+      for (j = 0; j < k; ++j) has_nan |= row[j] != row[j];
+      lse[i] = has_nan ? NAN : m;
       smooth[i] = NAN;
       continue;
     }
