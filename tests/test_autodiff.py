@@ -592,3 +592,87 @@ def test_half_precision_gradient_dtype_is_input_dtype(name, dtype):
     assert grad.dtype == dtype
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
     np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(grad32), **tolerance(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients with respect to the labels, at labels of exactly 0 and 1.
+# --------------------------------------------------------------------------------------------
+
+LABEL_GRAD_LOGITS = np.array([[2.0, -1.0, 0.5, 3.0], [-2.5, 1.5, 0.0, -0.3]])
+BINARY_LABELS = np.array([[0.0, 1.0, 0.3, 1.0], [1.0, 0.0, 0.0, 0.7]])
+SIMPLEX_LABELS = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]])
+
+LABEL_GRAD_CASES = {
+    "sigmoid_bce_none": (xent_jax.sigmoid_binary_cross_entropy, BINARY_LABELS, {}),
+    "sigmoid_bce_sum": (
+        xent_jax.sigmoid_binary_cross_entropy,
+        BINARY_LABELS,
+        {"reduction": "sum"},
+    ),
+    "sigmoid_bce_pos_weight": (
+        xent_jax.sigmoid_binary_cross_entropy,
+        BINARY_LABELS,
+        {"pos_weight": 3.0, "label_smoothing": 0.1},
+    ),
+    "sigmoid_bce_pos_weight_mean": (
+        xent_jax.sigmoid_binary_cross_entropy,
+        BINARY_LABELS,
+        {"pos_weight": 3.0, "reduction": "mean"},
+    ),
+    "sigmoid_focal": (xent_jax.sigmoid_focal_loss, BINARY_LABELS, {"alpha": 0.25}),
+    "softmax_focal": (xent_jax.softmax_focal_loss, SIMPLEX_LABELS, {"gamma": 2.0}),
+    "poly": (xent_jax.poly_loss_cross_entropy, SIMPLEX_LABELS, {"epsilon": 2.0}),
+    "softmax_dense": (xent_jax.softmax_cross_entropy, SIMPLEX_LABELS, {"label_smoothing": 0.1}),
+}
+
+
+@pytest.mark.parametrize("name", list(LABEL_GRAD_CASES))
+def test_label_gradients_at_labels_of_exactly_zero_and_one(name):
+    # Distillation trains the targets too: d loss / d label at a label of exactly 0 or 1 is the
+    # derivative of a smooth function there (softplus(-x) - softplus(x) = -x for plain BCE), not
+    # 0. Checked against finite differences in float64.
+    fn, labels, kwargs = LABEL_GRAD_CASES[name]
+    with jax.enable_x64(True):
+        logits = jnp.asarray(LABEL_GRAD_LOGITS)
+        total = lambda y: jnp.sum(fn(logits, y, **kwargs))
+        check_grads(total, (jnp.asarray(labels),), order=1, modes=("fwd", "rev"))
+        if name == "sigmoid_bce_none":
+            np.testing.assert_allclose(jax.grad(total)(jnp.asarray(labels)), -LABEL_GRAD_LOGITS)
+
+
+def test_cross_entropy_gradient_in_p_is_minus_log_q_at_p_zero():
+    # H(p, q) is linear in p: d/dp_i = -log q_i, also where p_i = 0 (and 0, finite, where both
+    # p_i and q_i are 0).
+    p, q = jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.array([0.5, 0.25, 0.25, 0.0])
+    grad = jax.grad(lambda p: xent_jax.cross_entropy(p, q))(p)
+    np.testing.assert_allclose(grad, [np.log(2), np.log(4), np.log(4), 0.0], rtol=1e-6)
+    grad_kl = jax.grad(lambda p: xent_jax.kl_divergence(p, q))(p)
+    np.testing.assert_allclose(grad_kl[1:3], [np.log(4), np.log(4)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["entropy", "cross_entropy", "kl_divergence", "js_divergence"])
+def test_where_keeps_masked_infinities_out_of_gradients(name):
+    # The masked entry has p > 0 = q: KL and cross-entropy would be +inf there. Masked, it
+    # leaves the sum and the gradients: the same as dropping the entry before the call.
+    fn = getattr(xent_jax, name)
+    z = jnp.array([0.3, -0.2, 0.5])
+    q = jnp.array([0.5, 0.5, 0.0])
+    where = jnp.array([True, True, False])
+
+    def masked(z, q):
+        p = jax.nn.softmax(z)
+        return fn(p, where=where) if name == "entropy" else fn(p, q, where=where)
+
+    def dropped(z, q):
+        p = jax.nn.softmax(z)[:2]
+        return fn(p) if name == "entropy" else fn(p, q[:2])
+
+    value, (dz, dq) = jax.value_and_grad(masked, argnums=(0, 1))(z, q)
+    ref_value, (_, ref_dq) = jax.value_and_grad(dropped, argnums=(0, 1))(z, q)
+    assert_close(value, ref_value, np.float32)
+    assert np.all(np.isfinite(dz)) and np.all(np.isfinite(dq))
+    # Dropping changes the softmax's normaliser only through z[2]: compare the kept entries.
+    ref_dz_full = jax.grad(lambda z: dropped(z, q))(z)
+    assert_close(dz, ref_dz_full, np.float32)
+    assert_close(dq[:2], ref_dq[:2], np.float32)
+    assert dq[2] == 0.0

@@ -563,3 +563,107 @@ def test_target_mass_of_both_signs_on_neg_inf_logits_is_nan_in_any_class_order(o
             z, targets[:, order], class_weights=None if weights is None else weights[order]
         )
         assert np.isnan(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize("mask", ["example", "class"])
+@pytest.mark.parametrize(
+    "name", ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
+)
+def test_nan_hidden_by_where_has_zero_gradient_with_logit_softcap(name, mask):
+    fn = getattr(xent_jax, name)
+    logits, labels = _softmax_inputs(name, seed=4)
+    label = int(np.argmax(labels[2])) if labels.ndim == 2 else int(labels[2])
+    hidden = (2, (label + 1) % K)  # not the label's class: its loss stays finite
+    logits[hidden] = np.nan
+    if mask == "example":
+        where = np.arange(B) != 2
+    else:
+        where = np.ones((B, K), bool)
+        where[hidden] = False
+    clean = logits.copy()
+    clean[hidden] = 0.0  # hidden either way: the same loss and gradient
+    value, grad = loss_and_grad(fn, logits, labels, where=where, logit_softcap=5.0)
+    clean_value, clean_grad = loss_and_grad(fn, clean, labels, where=where, logit_softcap=5.0)
+    assert_close(value, clean_value)
+    assert_close(grad, clean_grad)
+    assert grad[hidden] == 0.0 and np.all(np.isfinite(grad))
+
+
+# --------------------------------------------------------------------------------------------
+# Integer labels of any integer dtype; confident predictions.
+# --------------------------------------------------------------------------------------------
+
+NARROW_LABEL_CASES = {
+    # (dtype, num_classes, labels, ignore_index): 256 wraps to 0 in uint8, -100 to 156.
+    "uint8_256_classes": (np.uint8, 256, [0, 65, 200, 255], None),
+    "int8_200_classes": (np.int8, 200, [3, 100, 127, 0], None),
+    "uint8_ignore_index": (np.uint8, 200, [156, 10, 20, 199], -100),
+    "uint16": (np.uint16, 300, [299, 0, 256, 7], -100),
+}
+
+
+@pytest.mark.parametrize("case", list(NARROW_LABEL_CASES))
+@pytest.mark.parametrize("name", [*INT_LOSSES, "sparse_categorical_cross_entropy"])
+def test_narrow_and_unsigned_integer_labels_score_as_int32(name, case):
+    dtype, num_classes, labels, ignore_index = NARROW_LABEL_CASES[case]
+    logits = np.random.default_rng(5).normal(size=(4, num_classes)).astype(np.float32)
+    first = jax.nn.softmax(logits) if name == "sparse_categorical_cross_entropy" else logits
+    fn = getattr(xent_jax, name)
+    kwargs = {} if ignore_index is None else {"ignore_index": ignore_index}
+    narrow = fn(first, np.asarray(labels, dtype), **kwargs)
+    wide = fn(first, np.asarray(labels, np.int32), **kwargs)
+    assert np.all(np.isfinite(np.asarray(narrow))) and np.all(np.asarray(narrow) > 0)
+    assert_close(narrow, wide)
+    checked = xent_jax.checked(
+        lambda y: xent_jax.validate_integer_labels(y, num_classes, ignore_index=ignore_index)
+    )
+    np.testing.assert_array_equal(checked(np.asarray(labels, dtype)), labels)
+
+
+def test_checked_message_shows_the_class_count_as_a_number_without_jit():
+    checked = xent_jax.checked(lambda y: xent_jax.validate_integer_labels(y, 4))
+    with pytest.raises(ValueError) as error:
+        checked(jnp.array([0, 7]))
+    assert str(error.value) == "invalid integer label 7 at position [1] of labels: outside [0, 4)"
+
+
+@pytest.mark.parametrize("margin", [5.0, 10.0, 16.0, 17.0, 20.0, 25.0, 30.0, 40.0])
+def test_confident_prediction_loss_is_never_negative(margin):
+    # lse >= z_y: a loss below 0 is a rounding artefact (it was -1.2e-7 at margins 17-30).
+    logits = np.array([[margin, 0.0], [margin + 3.0, 3.0], [0.5 * margin, -0.5 * margin]])
+    labels = np.array([0, 0, 0])
+    loss = np.asarray(xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    exact = np.log1p(np.exp(-(logits[:, 0] - logits[:, 1]).astype(np.float64)))
+    assert np.all(loss >= 0)
+    np.testing.assert_allclose(loss, exact, rtol=2e-5, atol=1.2e-7)
+
+
+def test_careful_path_keeps_the_digits_of_a_confident_loss_at_large_logits():
+    # 90 is beyond the float32 exp range: the careful (max-shifted) path. lse - z_y would keep
+    # only lse's ulp (7.6e-6 for a true 8.4e-6); (max - z_y) + log(sum) keeps the digits.
+    logits = np.array([[90.0, 78.0, 77.0], [1.0, 2.0, 3.0]], np.float32)
+    labels = np.array([0, 2])
+    loss = xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    z = logits.astype(np.float64)
+    exact = np.log1p(np.exp(z - z.max(-1, keepdims=True)).sum(-1) - 1)
+    np.testing.assert_allclose(loss, exact, rtol=2e-6, atol=1.2e-7)
+
+
+@pytest.mark.parametrize("name", ["binary_cross_entropy", "categorical_cross_entropy"])
+def test_probability_losses_with_eps_zero_keep_zero_log_zero_and_whole_gradients(name):
+    fn = getattr(xent_jax, name)
+    probs = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    loss = fn(probs, labels, eps=0.0)
+    if name == "binary_cross_entropy":
+        np.testing.assert_array_equal(loss[0], 0.0)  # certain and right: 0, not NaN or -0
+        assert not np.any(np.signbit(np.asarray(loss[0])))
+        # At the bounds the derivative is the one-sided one from inside [0, 1], not half of it.
+        grad = jax.grad(lambda p: jnp.sum(fn(p, labels, eps=0.0)))(
+            jnp.array([[0.999, 0.0, 0.0], [0.0, 0.5, 0.5]])
+        )
+        np.testing.assert_allclose(grad[0, 1:], [1.0, 1.0], rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(loss[0], 0.0)
+        assert not np.any(np.signbit(np.asarray(loss[0])))
+        np.testing.assert_allclose(loss[1], np.log(2), rtol=1e-6)

@@ -280,3 +280,61 @@ def test_checked_passes_valid_and_ignored_labels_through(variant):
     # The ignored value is allowed only when declared.
     with raises(ValueError, str(IGNORE)):
         CHECKED_VARIANTS[variant](LOGITS, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# The closed-form gradients check their inputs as the losses do.
+# --------------------------------------------------------------------------------------------
+
+ANALYTIC_GRADS = {
+    "softmax_cross_entropy": xent_jax.analytic.softmax_cross_entropy_grad,
+    "softmax_cross_entropy_with_integer_labels": (
+        xent_jax.analytic.softmax_cross_entropy_with_integer_labels_grad
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ANALYTIC_GRADS))
+def test_analytic_gradients_reject_what_the_losses_reject(name):
+    grad_fn, loss_fn = ANALYTIC_GRADS[name], getattr(xent_jax, name)
+    logits, labels = valid_inputs(name, batch=3)
+    bad_labels = np.zeros(1, np.int32) if name in INTEGER_API else _float(1, K)
+    cases = [
+        ((logits, bad_labels), {}, ValueError, ["labels", shape(*bad_labels.shape)]),
+        ((logits, labels), {"class_weights": np.ones(K - 1)}, ValueError, ["class_weights"]),
+        ((logits, labels), {"where": np.ones(3, np.float32)}, TypeError, ["where", "float32"]),
+        ((logits, labels), {"label_smoothing": 1.5}, ValueError, ["label_smoothing"]),
+        ((logits, labels), {"z_loss": -1.0}, ValueError, ["z_loss"]),
+    ]
+    if name in INTEGER_API:
+        cases.append(((logits, labels.astype(np.float32)), {}, TypeError, ["labels", "float32"]))
+    for args, kwargs, exception, patterns in cases:
+        for fn in (loss_fn, grad_fn):
+            with raises(exception, *patterns):
+                fn(*args, **kwargs)
+
+
+def test_analytic_sigmoid_gradient_rejects_what_the_loss_rejects():
+    logits = _float(2, K)
+    for kwargs, exception, patterns in [
+        ({"labels": _float(3, K)}, ValueError, ["labels", shape(3, K), shape(2, K)]),
+        ({"labels": _float(2, K), "where": np.ones(K, np.int32)}, TypeError, ["where"]),
+        ({"labels": _float(2, K), "pos_weight": np.ones(K + 1)}, ValueError, ["pos_weight"]),
+        ({"labels": _float(2, K), "label_smoothing": -0.1}, ValueError, ["label_smoothing"]),
+    ]:
+        for fn in (
+            xent_jax.sigmoid_binary_cross_entropy,
+            xent_jax.analytic.sigmoid_binary_cross_entropy_grad,
+        ):
+            with raises(exception, *patterns):
+                fn(logits, **kwargs)
+
+
+@pytest.mark.parametrize("name", [*ANALYTIC_GRADS, "sigmoid_binary_cross_entropy"], ids=lambda n: n)
+def test_analytic_gradients_take_a_traced_label_smoothing(name):
+    logits, labels = valid_inputs(name, batch=3)
+    loss_fn = getattr(xent_jax, name)
+    grad_fn = getattr(xent_jax.analytic, f"{name}_grad")
+    got = jax.jit(lambda eps: grad_fn(logits, labels, label_smoothing=eps))(jnp.float32(0.2))
+    expected = jax.grad(lambda z: jnp.sum(loss_fn(z, labels, label_smoothing=0.2)))(logits)
+    assert_close(got, expected)

@@ -482,3 +482,28 @@ def test_flax_nnx_lm_head_trains_like_the_materialised_loss():
     curve_materialised = train(materialised_loss)
     assert curve_fused[-1] < 0.8 * curve_fused[0]
     np.testing.assert_allclose(curve_fused, curve_materialised, rtol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_neg_inf_bias_with_logit_softcap_keeps_gradients_finite(blocks):
+    # A -inf bias masks its class; through the soft cap it stays -inf, and its derivative there
+    # must not turn the zero probability into 0 * -inf = NaN.
+    x, w, b, y = _data(seed=9)
+    b = b.copy()
+    b[[3, 20]] = -np.inf
+    y = np.where(np.isin(y, [3, 20]), 0, y)
+    opts = {"logit_softcap": 4.0, "label_smoothing": 0.1}
+
+    def fused_loss(x, w, b):
+        return fused(x, w, y, bias=b, reduction="mean", **opts, **BLOCKS[blocks])
+
+    def reference(x, w, b):
+        return materialised(x @ w + b, y, reduction="mean", **opts)
+
+    value, grads = jax.value_and_grad(fused_loss, argnums=(0, 1, 2))(x, w, b)
+    ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(x, w, b)
+    assert rel_err(value, ref_value) <= REL
+    for got, expected in zip(grads, ref_grads, strict=True):
+        assert np.all(np.isfinite(np.asarray(got)))
+        assert rel_err(got, expected) <= REL
+    np.testing.assert_array_equal(grads[2][np.array([3, 20])], 0.0)

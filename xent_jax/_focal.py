@@ -88,8 +88,9 @@ def softmax_focal_loss(
     if alpha is not None:
         weights = weights * alpha
     # Double where: weights depend on the logits too, so a -inf log p must not even reach the
-    # product (0 * -inf would be NaN in its gradient); classes without mass contribute 0.
-    log_probs = jnp.where(weights == 0, 0, log_probs)
+    # product (0 * -inf would be NaN in its gradient); classes without mass contribute 0. Only
+    # the -inf is replaced: a finite log p keeps the loss's derivative in a zero target.
+    log_probs = jnp.where((weights == 0) & (log_probs == -jnp.inf), 0, log_probs)
     loss = -jnp.sum(weights * log_probs, axis=-1)
     valid = combine_masks(prepared.example_mask, row_valid)
     loss = jnp.where(valid, loss, 0)
@@ -196,8 +197,10 @@ def poly_loss_cross_entropy(
     targets = smooth_targets(targets, z, label_smoothing)
     lse, row_valid = masked_logsumexp(z)
     log_probs = z - lse[..., None]
-    # 0 * log 0 = 0: classes without target mass never contribute, even at a -inf logit.
-    cross_entropy = -jnp.sum(jnp.where(targets == 0, 0, targets * log_probs), axis=-1)
+    # 0 * log 0 = 0: classes without target mass never contribute, even at a -inf logit. Only
+    # the -inf factor is replaced, so a zero target keeps its derivative -log p.
+    unweighted_log_zero = (targets == 0) & (log_probs == -jnp.inf)
+    cross_entropy = -jnp.sum(targets * jnp.where(unweighted_log_zero, 0, log_probs), axis=-1)
     one_minus_p_t = jnp.sum(targets * (1 - jnp.exp(log_probs)), axis=-1)
     loss = cross_entropy + epsilon * one_minus_p_t
     valid = combine_masks(prepared.example_mask, row_valid)

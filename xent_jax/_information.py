@@ -31,11 +31,22 @@ def _pair(p: ArrayLike, q: ArrayLike) -> tuple[jax.Array, jax.Array]:
     return jnp.broadcast_to(p, shape).astype(dtype), jnp.broadcast_to(q, shape).astype(dtype)
 
 
-def _sum(terms: jax.Array, axis: int, where: ArrayLike | None, base: float | None) -> jax.Array:
-    axis = v.normalize_axis(axis, terms.ndim, "p")
+def _entry_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     mask = v.as_mask("where", where)
     if mask is not None:
-        v.check_broadcastable("where", mask, terms.shape, "p")
+        v.check_broadcastable("where", mask, shape, "p")
+    return mask
+
+
+def _hidden(mask: jax.Array | None, x: jax.Array) -> jax.Array:
+    """``x`` with masked entries at 0. Double where: a masked entry then computes as 0 log(.) = 0,
+    so an inf or NaN there never meets the mask's zero cotangent (0 * inf = NaN)."""
+    return x if mask is None else jnp.where(mask, x, 0)
+
+
+def _sum(terms: jax.Array, axis: int, mask: jax.Array | None, base: float | None) -> jax.Array:
+    axis = v.normalize_axis(axis, terms.ndim, "p")
+    if mask is not None:
         terms = jnp.where(mask, terms, 0)
     total = jnp.sum(terms, axis=axis)
     return total if base is None else total / math.log(base)
@@ -74,8 +85,10 @@ def entropy(
     """
     _check_base(base)
     p = _as_probs("p", p)
+    mask = _entry_mask(where, p.shape)
+    p = _hidden(mask, p)
     # 0 - x rather than -x: a certain outcome has entropy 0, not -0.
-    return 0.0 - _sum(xlogy(p, p), axis, where, base)
+    return 0.0 - _sum(xlogy(p, p), axis, mask, base)
 
 
 def cross_entropy(
@@ -112,7 +125,9 @@ def cross_entropy(
     """
     _check_base(base)
     p, q = _pair(p, q)
-    return _sum(-xlogy(p, q), axis, where, base)
+    mask = _entry_mask(where, p.shape)
+    p = _hidden(mask, p)
+    return _sum(-xlogy(p, q), axis, mask, base)
 
 
 def kl_divergence(
@@ -146,8 +161,10 @@ def kl_divergence(
     """
     _check_base(base)
     p, q = _pair(p, q)
+    mask = _entry_mask(where, p.shape)
+    p = _hidden(mask, p)
     # p log p - p log q rather than p log(p / q): each term keeps its own 0 log 0 = 0 rule.
-    return _sum(xlogy(p, p) - xlogy(p, q), axis, where, base)
+    return _sum(xlogy(p, p) - xlogy(p, q), axis, mask, base)
 
 
 def js_divergence(
@@ -182,9 +199,11 @@ def js_divergence(
     """
     _check_base(base)
     p, q = _pair(p, q)
+    mask = _entry_mask(where, p.shape)
+    p, q = _hidden(mask, p), _hidden(mask, q)
     m = 0.5 * (p + q)
     terms = 0.5 * (xlogy(p, p) - xlogy(p, m) + xlogy(q, q) - xlogy(q, m))
-    return _sum(terms, axis, where, base)
+    return _sum(terms, axis, mask, base)
 
 
 def binary_entropy(p: ArrayLike, *, base: float | None = None) -> jax.Array:

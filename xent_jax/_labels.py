@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
@@ -27,6 +28,14 @@ class IntegerLabels(NamedTuple):
     invalid: jax.Array
 
 
+def _comparable(labels: jax.Array) -> jax.Array:
+    """``labels`` in int32 when their dtype is narrower or unsigned: compared in their own dtype,
+    ``num_classes`` or a negative ``ignore_index`` would wrap (256 is 0 in uint8, -100 is 156)."""
+    if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
+        return labels.astype(jnp.int32)
+    return labels
+
+
 def prepare_integer_labels(
     labels: ArrayLike,
     *,
@@ -35,7 +44,7 @@ def prepare_integer_labels(
     ignore_index: int | None,
     what: str = "logits",
 ) -> IntegerLabels:
-    labels = v.as_integer_labels(labels)
+    labels = _comparable(v.as_integer_labels(labels))
     if labels.shape != tuple(batch_shape):
         raise ValueError(
             f"labels must have the shape of {what} without the class axis: expected "
@@ -82,20 +91,25 @@ def validate_integer_labels(
       ValueError: invalid integer label 7 at position [1] of labels: outside [0, 4)
     """
     labels = v.as_integer_labels(labels)
-    bad = (labels < 0) | (labels >= num_classes)
+    comparable = _comparable(labels)
+    bad = (comparable < 0) | (comparable >= num_classes)
     if ignore_index is not None:
-        bad = bad & (labels != ignore_index)
+        bad = bad & (comparable != ignore_index)
     first = jnp.argmax(bad.ravel()) if labels.size else jnp.zeros((), jnp.int32)
     position = jnp.stack(jnp.unravel_index(first, labels.shape)) if labels.ndim else first
-    value = labels.ravel()[first] if labels.size else jnp.zeros((), labels.dtype)
+    value = comparable.ravel()[first] if labels.size else jnp.zeros((), comparable.dtype)
+    # A concrete class count goes into the message as text (as an array argument, checkify
+    # would print it as "TypedInt(4, dtype=int32)" outside jit).
+    concrete = isinstance(num_classes, int | np.integer)
+    bound = {} if concrete else {"num_classes": jnp.asarray(num_classes)}
     checkify.check(
         ~jnp.any(bad),
         "invalid integer label {value} at position {position} of labels: outside "
-        "[0, {num_classes})"
+        f"[0, {int(num_classes) if concrete else '{num_classes}'})"
         + ("" if ignore_index is None else f" and is not ignore_index={ignore_index}"),
         position=position,
         value=value,
-        num_classes=jnp.asarray(num_classes),
+        **bound,
     )
     return labels
 
@@ -103,8 +117,10 @@ def validate_integer_labels(
 def checked(fn: Callable) -> Callable:
     """Wraps ``fn`` so that checks from :func:`validate_integer_labels` raise ``ValueError``.
 
-    ``fn`` may be jitted (``checked(jax.jit(f))``) or not; the wrapper itself can be used like
-    ``fn``. Without checks inside ``fn`` it only adds the checkify bookkeeping.
+    ``fn`` may be jitted (``checked(jax.jit(f))``) or not. The wrapper raises from Python, so it
+    must be the outermost transformation: put ``jit``, ``vmap`` and ``grad`` inside it
+    (``jax.jit(checked(f))`` fails while tracing). Without checks inside ``fn`` it only adds the
+    checkify bookkeeping.
     """
     checked_fn = checkify.checkify(fn, errors=checkify.user_checks)
 

@@ -67,7 +67,6 @@ def prepare_logits(
     axis = v.normalize_axis(axis, logits.ndim)
     class_mask, example_mask = split_where(where, logits.shape, axis)
     z = logits.astype(v.compute_dtype(logits.dtype))
-    z = soft_cap(z, logit_softcap)
     if class_mask is not None:
         z = jnp.where(class_mask, z, -jnp.inf)
     if axis != logits.ndim - 1:
@@ -75,6 +74,9 @@ def prepare_logits(
     if example_mask is not None:
         # Double where: masked examples compute on zeros, so NaNs there cannot reach gradients.
         z = jnp.where(example_mask[..., None], z, 0)
+    # After the masks: a NaN hidden by either never reaches the tanh (whose NaN derivative
+    # would reach the gradient of the masked logit).
+    z = soft_cap(z, logit_softcap)
     return PreparedLogits(z, example_mask, axis)
 
 

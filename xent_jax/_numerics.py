@@ -13,12 +13,16 @@ def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     """``x * log(y)``, exactly 0 where ``x == 0`` (whatever ``y``), with finite gradients there.
 
     ``jax.scipy.special.xlogy`` returns the right value at ``x = 0`` but its gradient with respect
-    to ``x`` is ``log(0) = -inf`` there, which turns into NaN downstream (for example through a
-    softmax with a masked logit). Here the gradient at ``x = 0`` is defined as 0.
+    to ``x`` is ``log(0) = -inf`` where ``y = 0`` too, which turns into NaN downstream (for
+    example through a softmax with a masked logit). Here that gradient is defined as 0; where
+    ``y`` is a positive finite number it stays ``log(y)`` (``x * log(y)`` is linear in ``x``).
     """
-    zero = x == 0
-    # Double where: log never sees the y of a zero-weight term, so no inf reaches the gradient.
-    return jnp.where(zero, 0, x * jnp.log(jnp.where(zero, 1, y)))
+    # Double where: log never sees a y that is 0, subnormal (flushed to 0 by XLA's log on CPU)
+    # or not finite where x is 0, so no inf reaches the gradient; every other y keeps
+    # d/dx = log(y).
+    normal = (y >= jnp.finfo(y.dtype).tiny) & (y < jnp.inf)
+    unused = (x == 0) & ~normal
+    return x * jnp.log(jnp.where(unused, 1, y))
 
 
 def safe_power(base: jax.Array, exponent: float) -> jax.Array:

@@ -28,10 +28,15 @@ def _as_probs(probs: ArrayLike) -> jax.Array:
     return probs.astype(v.compute_dtype(probs.dtype))
 
 
-def _renormalized_log_probs(probs: jax.Array, axis: int, eps: float) -> jax.Array:
-    # Keras order: renormalise along the class axis, then clip, then log.
-    probs = probs / jnp.sum(probs, axis=axis, keepdims=True)
-    return jnp.log(jnp.clip(probs, eps, 1.0 - eps))
+def _clipped(probs: jax.Array, eps) -> jax.Array:
+    """``clip(probs, eps, 1 - eps)`` with derivative 1 at the bounds themselves (``jnp.clip``
+    halves it there: with ``eps=0`` a probability of exactly 0 or 1 got half its gradient)."""
+    return jnp.where(probs < eps, eps, jnp.where(probs > 1 - eps, 1 - eps, probs))
+
+
+def _renormalized_probs(probs: jax.Array, axis: int, eps: float) -> jax.Array:
+    # Keras order: renormalise along the class axis, then clip (the caller takes the log).
+    return _clipped(probs / jnp.sum(probs, axis=axis, keepdims=True), eps)
 
 
 def binary_cross_entropy(
@@ -76,8 +81,9 @@ def binary_cross_entropy(
     _check_eps(eps)
     y = jnp.broadcast_to(y.astype(p.dtype), p.shape)
     y = (1 - label_smoothing) * y + label_smoothing / 2
-    p = jnp.clip(p, eps, 1.0 - eps)
-    loss = -(xlogy(y, p) + xlogy(1 - y, 1 - p))
+    p = _clipped(p, eps)
+    # 0 - x rather than -x: a certain, correct prediction costs 0, not -0.
+    loss = 0.0 - (xlogy(y, p) + xlogy(1 - y, 1 - p))
     mask = v.as_mask("where", where)
     if mask is None:
         return reduce_loss(loss, reduction)
@@ -129,7 +135,8 @@ def categorical_cross_entropy(
     axis = v.normalize_axis(axis, p.ndim, "probs")
     y = y.astype(p.dtype)
     y = (1 - label_smoothing) * y + label_smoothing / p.shape[axis]
-    loss = -jnp.sum(y * _renormalized_log_probs(p, axis, eps), axis=axis)
+    # xlogy: 0 log 0 = 0 where eps=0 leaves a probability at 0 (y log p would give NaN).
+    loss = 0.0 - jnp.sum(xlogy(y, _renormalized_probs(p, axis, eps)), axis=axis)
     return _mask_examples(loss, where, reduction)
 
 
@@ -171,7 +178,7 @@ def sparse_categorical_cross_entropy(
     p = _as_probs(probs)
     _check_eps(eps)
     axis = v.normalize_axis(axis, p.ndim, "probs")
-    log_probs = jnp.moveaxis(_renormalized_log_probs(p, axis, eps), axis, -1)
+    log_probs = jnp.moveaxis(jnp.log(_renormalized_probs(p, axis, eps)), axis, -1)
     labels = prepare_integer_labels(
         labels,
         batch_shape=log_probs.shape[:-1],

@@ -30,9 +30,20 @@ def _prepare(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None):
     return x, y, mask
 
 
+def _softplus_unless_unweighted(weight: jax.Array, x: jax.Array) -> jax.Array:
+    """``softplus(x)``, but 0 where ``weight`` is 0 and ``softplus(x)`` is ``+inf`` (0 * inf := 0).
+
+    The factor is guarded, not the product: ``weight * softplus(x)`` then keeps its derivative
+    ``softplus(x)`` in the weight at a weight of 0 (labels of exactly 0 or 1), and the ``where``
+    sends no NaN into either gradient.
+    """
+    softplus = jax.nn.softplus(x)
+    return jnp.where((weight == 0) & (softplus == jnp.inf), 0, softplus)
+
+
 def _weighted_softplus(weight: jax.Array, x: jax.Array) -> jax.Array:
     """``weight * softplus(x)``, exactly 0 when ``weight`` is 0 even at ``x = +inf``."""
-    return jnp.where(weight == 0, 0, weight * jax.nn.softplus(x))
+    return weight * _softplus_unless_unweighted(weight, x)
 
 
 def _binary_cross_entropy(x: jax.Array, y: jax.Array, pos_weight: jax.Array | None) -> jax.Array:
@@ -150,8 +161,9 @@ def _binary_cross_entropy_sum_jvp(primals, tangents):
         )
         tangent = jnp.sum(grad_x * dx)
     if not (d_smoothed is None and isinstance(d_pos_weight, SymbolicZero)):
-        pos_term = jnp.where(positive == 0, 0, jax.nn.softplus(-x))
-        neg_term = jnp.where(negative == 0, 0, jax.nn.softplus(x))
+        # d/dy of y softplus(-x) is softplus(-x) at y = 0 too: only 0 * inf is taken as 0.
+        pos_term = _softplus_unless_unweighted(positive, -x)
+        neg_term = _softplus_unless_unweighted(negative, x)
         if d_smoothed is not None:
             scale = 1 if pos_weight is None else pos_weight
             tangent = tangent + jnp.sum((scale * pos_term - neg_term) * d_smoothed)

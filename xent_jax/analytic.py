@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
+from xent_jax._labels import prepare_integer_labels
+from xent_jax._logits import smoothing_is_on, split_where
 
 __all__ = [
     "sigmoid_binary_cross_entropy_grad",
@@ -25,26 +27,30 @@ __all__ = [
 ]
 
 
-def _softmax_setup(logits, axis, where, logit_softcap):
-    """Returns (capped logits z [..., K] with masked classes at -inf, dz_capped/dz_raw,
-    example mask or None, normalised axis)."""
+def _softmax_setup(
+    logits, axis, where, logit_softcap, *, label_smoothing=0.0, class_weights=None, z_loss=0.0
+):
+    """Checks the inputs as the losses do; returns (capped logits z [..., K] with masked classes
+    at -inf, dz_capped/dz_raw, example mask or None, normalised axis, class weights or None)."""
     raw = v.as_float_array("logits", logits)
+    if raw.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis), got a scalar.")
     axis = v.normalize_axis(axis, raw.ndim)
+    class_mask, example_mask = split_where(where, raw.shape, axis)
+    v.check_label_smoothing(label_smoothing)
+    v.check_nonnegative("z_loss", z_loss)
+    weights = v.check_class_weights(class_weights, raw.shape[axis])
     x = jnp.moveaxis(raw.astype(v.compute_dtype(raw.dtype)), axis, -1)
     if logit_softcap is None:
         z, dcap = x, jnp.ones_like(x)
     else:
+        v.check_nonnegative("logit_softcap", logit_softcap)
         t = jnp.tanh(x / logit_softcap)
         z = jnp.where(x == -jnp.inf, x, logit_softcap * t)
         dcap = jnp.where(x == -jnp.inf, 0.0, 1 - t * t)
-    example_mask = None
-    if where is not None:
-        mask = jnp.asarray(where)
-        if mask.ndim == raw.ndim:
-            z = jnp.where(jnp.moveaxis(jnp.broadcast_to(mask, raw.shape), axis, -1), z, -jnp.inf)
-        else:
-            example_mask = jnp.broadcast_to(mask, z.shape[:-1])
-    return z, dcap, example_mask, axis
+    if class_mask is not None:
+        z = jnp.where(jnp.moveaxis(class_mask, axis, -1), z, -jnp.inf)
+    return z, dcap, example_mask, axis, weights
 
 
 def _softmax_parts(z):
@@ -108,13 +114,23 @@ def softmax_cross_entropy_grad(
       >>> analytic.softmax_cross_entropy_grad(jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]]))
       Array([[-0.5,  0.5]], dtype=float32)
     """
-    z, dcap, example_mask, axis = _softmax_setup(logits, axis, where, logit_softcap)
+    targets = v.as_float_array("labels", labels)
+    v.check_same_shape("logits", v.as_float_array("logits", logits), "labels", targets)
+    z, dcap, example_mask, axis, w = _softmax_setup(
+        logits,
+        axis,
+        where,
+        logit_softcap,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    )
     p, lse, available, row_valid = _softmax_parts(z)
-    t = jnp.moveaxis(jnp.asarray(labels, z.dtype), axis, -1)
-    if label_smoothing:
+    t = jnp.moveaxis(targets.astype(z.dtype), axis, -1)
+    if smoothing_is_on(label_smoothing):
         k = jnp.sum(available, axis=-1, keepdims=True)
         t = (1 - label_smoothing) * t + label_smoothing * jnp.where(available, 1.0 / k, 0.0)
-    w = jnp.ones(z.shape[-1], z.dtype) if class_weights is None else jnp.asarray(class_weights)
+    w = jnp.ones(z.shape[-1], z.dtype) if w is None else w
     wt = w.astype(z.dtype) * t
     grad_z = p * jnp.sum(wt, axis=-1, keepdims=True) - wt + 2 * z_loss * lse[..., None] * p
     valid = row_valid if example_mask is None else row_valid & example_mask
@@ -166,12 +182,22 @@ def softmax_cross_entropy_with_integer_labels_grad(
       ...     jnp.array([[0.0, 0.0]]), jnp.array([1]))
       Array([[ 0.5, -0.5]], dtype=float32)
     """
-    z, dcap, example_mask, axis = _softmax_setup(logits, axis, where, logit_softcap)
+    z, dcap, example_mask, axis, w = _softmax_setup(
+        logits,
+        axis,
+        where,
+        logit_softcap,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+    )
+    k = z.shape[-1]
+    # The losses' checks of the labels (integer dtype, the batch shape); the rest is redone here.
+    prepare_integer_labels(labels, batch_shape=z.shape[:-1], num_classes=k, ignore_index=None)
     p, lse, available, row_valid = _softmax_parts(z)
     labels = jnp.asarray(labels)
-    k = z.shape[-1]
     onehot = labels[..., None] == jnp.arange(k)
-    w = jnp.ones(k, z.dtype) if class_weights is None else jnp.asarray(class_weights, z.dtype)
+    w = jnp.ones(k, z.dtype) if w is None else w.astype(z.dtype)
     w_y = jnp.sum(jnp.where(onehot, w, 0.0), axis=-1)
     eps = label_smoothing
     w_avail = jnp.where(available, w, 0.0)
@@ -224,10 +250,20 @@ def sigmoid_binary_cross_entropy_grad(
     """
     raw = v.as_float_array("logits", logits)
     x = raw.astype(v.compute_dtype(raw.dtype))
-    y = jnp.broadcast_to(jnp.asarray(labels, x.dtype), x.shape)
+    labels = v.as_float_array("labels", labels)
+    v.check_broadcastable("labels", labels, x.shape, "logits")
+    v.check_label_smoothing(label_smoothing)
+    y = jnp.broadcast_to(labels.astype(x.dtype), x.shape)
     y = (1 - label_smoothing) * y + label_smoothing / 2
-    w = 1.0 if pos_weight is None else jnp.asarray(pos_weight, x.dtype)
+    w = 1.0
+    if pos_weight is not None:
+        w = v.as_float_array("pos_weight", pos_weight)
+        v.check_broadcastable("pos_weight", w, x.shape, "logits")
+        w = w.astype(x.dtype)
     grad = jax.nn.sigmoid(x) * (w * y + 1 - y) - w * y
+    where = v.as_mask("where", where)
+    if where is not None:
+        v.check_broadcastable("where", where, x.shape, "logits")
     mask = jnp.ones(x.shape, bool) if where is None else jnp.broadcast_to(where, x.shape)
     grad = jnp.where(mask, grad, 0.0)
     v.check_reduction(reduction)
@@ -259,7 +295,7 @@ def softmax_cross_entropy_hessian(logits: ArrayLike, *, axis: int = -1) -> jax.A
       Array([[ 0.25, -0.25],
              [-0.25,  0.25]], dtype=float32)
     """
-    z, _, _, _ = _softmax_setup(logits, axis, None, None)
+    z, _, _, _, _ = _softmax_setup(logits, axis, None, None)
     p, _, _, _ = _softmax_parts(z)
     return jnp.einsum("...i,ij->...ij", p, jnp.eye(p.shape[-1], dtype=p.dtype)) - (
         p[..., :, None] * p[..., None, :]

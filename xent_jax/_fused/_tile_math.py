@@ -229,7 +229,10 @@ def _tile_grad(
     elif mask is not None:
         du = jnp.where(mask, du, 0)
     if plan.softcap is not None:
-        du = du * (1.0 - jnp.square(logits / plan.softcap))
+        # d(cap tanh(u / cap))/du = 1 - (capped / cap)^2; a -inf logit passes through the cap
+        # unchanged (derivative 1), where the formula would give 0 * -inf = NaN.
+        dcap = 1.0 - jnp.square(logits / plan.softcap)
+        du = du * jnp.where(logits == -jnp.inf, 1.0, dcap)
     # Rows without a gradient stay exactly 0, even where their logits are NaN or inf.
     live = (prob_coef != 0) | (label_coef != 0) | (smooth_coef != 0)
     return jnp.where(live[:, None], du, 0)
