@@ -338,3 +338,19 @@ def test_analytic_gradients_take_a_traced_label_smoothing(name):
     got = jax.jit(lambda eps: grad_fn(logits, labels, label_smoothing=eps))(jnp.float32(0.2))
     expected = jax.grad(lambda z: jnp.sum(loss_fn(z, labels, label_smoothing=0.2)))(logits)
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_logit_softcap_must_be_positive(value):
+    # A cap of 0 divides by zero: log K for finite logits, NaN for a logit of exactly 0.
+    logits, labels = valid_inputs("softmax_cross_entropy_with_integer_labels")
+    for fn in (
+        xent_jax.softmax_cross_entropy_with_integer_labels,
+        xent_jax.analytic.softmax_cross_entropy_with_integer_labels_grad,
+    ):
+        with raises(ValueError, "logit_softcap", "> 0"):
+            fn(logits, labels, logit_softcap=value)
+    with raises(ValueError, "logit_softcap", "> 0"):
+        xent_jax.linear_softmax_cross_entropy_with_integer_labels(
+            _float(2, 3), _float(3, K), labels, logit_softcap=value
+        )

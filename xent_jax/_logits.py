@@ -31,7 +31,7 @@ def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
     """``cap * tanh(logits / cap)``; ``-inf`` logits stay ``-inf`` so masked entries stay masked."""
     if cap is None:
         return logits
-    v.check_nonnegative("logit_softcap", cap)
+    v.check_positive("logit_softcap", cap)
     capped = cap * jnp.tanh(logits / cap)
     return jnp.where(logits == -jnp.inf, logits, capped)
 

@@ -551,7 +551,7 @@ def softmax_cross_entropy(
       label_smoothing: :math:`\varepsilon \in [0, 1)`.
       class_weights: ``[K]`` weight per class (PyTorch ``weight`` for probability targets).
       z_loss: coefficient of the squared log-normaliser (PaLM's z-loss).
-      logit_softcap: if set to :math:`s`, logits become :math:`s \tanh(z / s)` first.
+      logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
       reduction: ``"none"`` (per example, shape of ``logits`` without ``axis``), ``"sum"``, or
         ``"mean"`` over valid examples (0.0 when there are none).
 
@@ -627,7 +627,7 @@ def softmax_cross_entropy_with_integer_labels(
         neither masked nor at ``-inf``.
       class_weights: ``[K]`` weight per class.
       z_loss: coefficient of the squared log-normaliser.
-      logit_softcap: if set to :math:`s`, logits become :math:`s \tanh(z / s)` first.
+      logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
       reduction: ``"none"`` (shape of ``labels``), ``"sum"`` or ``"mean"``.
 
     Returns:

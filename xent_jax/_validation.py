@@ -37,6 +37,13 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 
+def check_positive(name: str, value: float) -> None:
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not float(value) > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
 def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis={axis} is out of range for {name} of rank {ndim}.")

@@ -44,7 +44,7 @@ def _softmax_setup(
     if logit_softcap is None:
         z, dcap = x, jnp.ones_like(x)
     else:
-        v.check_nonnegative("logit_softcap", logit_softcap)
+        v.check_positive("logit_softcap", logit_softcap)
         t = jnp.tanh(x / logit_softcap)
         z = jnp.where(x == -jnp.inf, x, logit_softcap * t)
         dcap = jnp.where(x == -jnp.inf, 0.0, 1 - t * t)

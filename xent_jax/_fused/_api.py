@@ -141,7 +141,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
       label_smoothing: :math:`\varepsilon \in [0, 1)`, spread over the available classes.
       class_weights: ``[V]`` weight per class (treated as a constant: no gradient).
       z_loss: coefficient :math:`\lambda_z` of the squared log-normaliser.
-      logit_softcap: if set to :math:`s`, logits become :math:`s \tanh(z / s)` first.
+      logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
       reduction: ``"none"`` (per token, shape ``[...]``), ``"sum"``, or ``"mean"`` (divided by
         the summed :math:`w_y` of the valid tokens; 0.0 when there are none).
       return_aux: also return a :class:`LinearCrossEntropyAux` (per-token logsumexp and
@@ -200,7 +200,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     v.check_nonnegative("z_loss", zl)
     cap = None if logit_softcap is None else _static_float("logit_softcap", logit_softcap)
     if cap is not None:
-        v.check_nonnegative("logit_softcap", cap)
+        v.check_positive("logit_softcap", cap)
     precision = _check_precision(precision)
     _check_block("block_size_tokens", block_size_tokens)
     _check_block("block_size_vocab", block_size_vocab)
