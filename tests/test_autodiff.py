@@ -612,7 +612,12 @@ LABEL_GRAD_CASES = {
     "sigmoid_bce_pos_weight": (
         xent_jax.sigmoid_binary_cross_entropy,
         BINARY_LABELS,
-        {"pos_weight": 3.0, "label_smoothing": 0.1},
+        {"pos_weight": 3.0},
+    ),
+    "sigmoid_bce_smoothing_sum": (
+        xent_jax.sigmoid_binary_cross_entropy,
+        BINARY_LABELS,
+        {"label_smoothing": 0.1, "reduction": "sum"},
     ),
     "sigmoid_bce_pos_weight_mean": (
         xent_jax.sigmoid_binary_cross_entropy,
@@ -630,12 +635,15 @@ LABEL_GRAD_CASES = {
 def test_label_gradients_at_labels_of_exactly_zero_and_one(name):
     # Distillation trains the targets too: d loss / d label at a label of exactly 0 or 1 is the
     # derivative of a smooth function there (softplus(-x) - softplus(x) = -x for plain BCE), not
-    # 0. Checked against finite differences in float64.
+    # 0; so are the mixed second derivatives in logits and labels. Checked against finite
+    # differences in float64.
     fn, labels, kwargs = LABEL_GRAD_CASES[name]
     with jax.enable_x64(True):
         logits = jnp.asarray(LABEL_GRAD_LOGITS)
         total = lambda y: jnp.sum(fn(logits, y, **kwargs))
-        check_grads(total, (jnp.asarray(labels),), order=1, modes=("fwd", "rev"))
+        check_grads(total, (jnp.asarray(labels),), order=2, modes=("fwd", "rev"))
+        both = lambda x, y: jnp.sum(fn(x, y, **kwargs))
+        check_grads(both, (logits, jnp.asarray(labels)), order=2, modes=("rev",))
         if name == "sigmoid_bce_none":
             np.testing.assert_allclose(jax.grad(total)(jnp.asarray(labels)), -LABEL_GRAD_LOGITS)
 

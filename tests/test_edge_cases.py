@@ -587,6 +587,33 @@ def test_nan_hidden_by_where_has_zero_gradient_with_logit_softcap(name, mask):
     assert_close(value, clean_value)
     assert_close(grad, clean_grad)
     assert grad[hidden] == 0.0 and np.all(np.isfinite(grad))
+    # The closed form agrees.
+    closed_form = getattr(xent_jax.analytic, f"{name}_grad")(
+        logits, labels, where=where, logit_softcap=5.0
+    )
+    assert_close(closed_form, clean_grad)
+
+
+def test_fused_nan_bias_on_a_masked_class_keeps_gradients_finite_with_logit_softcap():
+    # The class is masked by `where` in every row, so its NaN bias never enters the loss.
+    fused = xent_jax.linear_softmax_cross_entropy_with_integer_labels
+    rng = np.random.default_rng(11)
+    x, w = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(3, K)).astype(np.float32)
+    labels = np.array([0, 1, 3, 4, 0, 1])
+    where = (np.arange(K) != 2)[None, :]
+    bias = np.zeros(K, np.float32)
+    opts = {"where": where, "logit_softcap": 5.0, "reduction": "sum"}
+
+    def grads(bias):
+        loss = lambda x, w, b: fused(x, w, labels, bias=b, **opts)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, jnp.asarray(bias))
+
+    value, got = grads(np.where(np.arange(K) == 2, np.nan, bias).astype(np.float32))
+    clean_value, expected = grads(bias)
+    assert_close(value, clean_value)
+    for a, b in zip(got, expected, strict=True):
+        assert np.all(np.isfinite(np.asarray(a)))
+        assert_close(a, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +626,8 @@ NARROW_LABEL_CASES = {
     "int8_200_classes": (np.int8, 200, [3, 100, 127, 0], None),
     "uint8_ignore_index": (np.uint8, 200, [156, 10, 20, 199], -100),
     "uint16": (np.uint16, 300, [299, 0, 256, 7], -100),
+    # Wider: a plain int32 cast would wrap 2**32 - 1 to -1 (= ignore_index) instead of NaN.
+    "uint32_out_of_range": (np.uint32, 5, [0, 2**32 - 1, 4, 2**31 + 1], -1),
 }
 
 
@@ -610,14 +639,52 @@ def test_narrow_and_unsigned_integer_labels_score_as_int32(name, case):
     first = jax.nn.softmax(logits) if name == "sparse_categorical_cross_entropy" else logits
     fn = getattr(xent_jax, name)
     kwargs = {} if ignore_index is None else {"ignore_index": ignore_index}
-    narrow = fn(first, np.asarray(labels, dtype), **kwargs)
-    wide = fn(first, np.asarray(labels, np.int32), **kwargs)
-    assert np.all(np.isfinite(np.asarray(narrow))) and np.all(np.asarray(narrow) > 0)
-    assert_close(narrow, wide)
+    given = np.asarray(labels, dtype)
+    narrow = np.asarray(fn(first, given, **kwargs))
+    in_range = np.asarray(labels) < num_classes
+    wide = fn(first, np.where(in_range, labels, num_classes).astype(np.int32), **kwargs)
+    assert_close(narrow, wide)  # out of range: NaN in both
+    assert np.all(np.isfinite(narrow[in_range])) and np.all(narrow[in_range] > 0)
     checked = xent_jax.checked(
         lambda y: xent_jax.validate_integer_labels(y, num_classes, ignore_index=ignore_index)
     )
-    np.testing.assert_array_equal(checked(np.asarray(labels, dtype)), labels)
+    if in_range.all():
+        np.testing.assert_array_equal(checked(given), labels)
+    else:
+        with pytest.raises(ValueError, match=f"label {labels[np.argmin(in_range)]} at"):
+            checked(given)
+
+
+def test_integer_labels_beyond_int32_under_x64_stay_out_of_range():
+    # int64 / uint64 labels: 2**32 + 3 is not class 3, and 2**40 can be an ignore_index.
+    with jax.enable_x64(True):
+        logits = jnp.asarray(np.random.default_rng(6).normal(size=(4, 5)))
+        x, w = jnp.eye(4, 3, dtype=jnp.float64), logits[:3]
+        for dtype in (np.int64, np.uint64):
+            labels = np.array([0, 1, 2**32 + 3, 4], dtype)
+            for loss in (
+                xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                xent_jax.linear_softmax_cross_entropy_with_integer_labels(x, w, labels),
+            ):
+                assert np.isnan(loss[2]) and np.all(np.isfinite(np.asarray(loss)[[0, 1, 3]]))
+        ignored = np.array([0, 1, 2**40, 4], np.int64)
+        loss = xent_jax.softmax_cross_entropy_with_integer_labels(
+            logits, ignored, ignore_index=2**40
+        )
+        np.testing.assert_array_equal(np.asarray(loss)[2], 0.0)
+        assert np.all(np.asarray(loss)[[0, 1, 3]] > 0)
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_analytic_gradient_with_uint8_labels_matches_autodiff(ignore_index):
+    logits = jnp.asarray(np.random.default_rng(8).normal(size=(4, 256)), jnp.float32)
+    labels = np.array([0, 156, 255, 7], np.uint8)
+    kwargs = {} if ignore_index is None else {"ignore_index": ignore_index}
+    got = xent_jax.analytic.softmax_cross_entropy_with_integer_labels_grad(logits, labels, **kwargs)
+    loss = xent_jax.softmax_cross_entropy_with_integer_labels
+    expected = jax.grad(lambda z: jnp.sum(loss(z, labels.astype(np.int32), **kwargs)))(logits)
+    assert np.all(np.isfinite(np.asarray(got)))
+    assert_close(got, expected)
 
 
 def test_checked_message_shows_the_class_count_as_a_number_without_jit():
@@ -627,15 +694,34 @@ def test_checked_message_shows_the_class_count_as_a_number_without_jit():
     assert str(error.value) == "invalid integer label 7 at position [1] of labels: outside [0, 4)"
 
 
-@pytest.mark.parametrize("margin", [5.0, 10.0, 16.0, 17.0, 20.0, 25.0, 30.0, 40.0])
-def test_confident_prediction_loss_is_never_negative(margin):
-    # lse >= z_y: a loss below 0 is a rounding artefact (it was -1.2e-7 at margins 17-30).
-    logits = np.array([[margin, 0.0], [margin + 3.0, 3.0], [0.5 * margin, -0.5 * margin]])
-    labels = np.array([0, 0, 0])
-    loss = np.asarray(xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    exact = np.log1p(np.exp(-(logits[:, 0] - logits[:, 1]).astype(np.float64)))
-    assert np.all(loss >= 0)
-    np.testing.assert_allclose(loss, exact, rtol=2e-5, atol=1.2e-7)
+@pytest.mark.parametrize("num_classes", [2, 50])
+def test_confident_prediction_loss_is_never_negative(num_classes):
+    # lse >= z_y: a loss below 0 is a rounding artefact (it was -1.2e-7 at margins 15-30, for
+    # integer and one-hot dense labels alike).
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(4000, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, 4000)
+    margin = rng.uniform(10.0, 35.0, 4000).astype(np.float32)
+    logits[np.arange(4000), labels] += margin
+    z = logits.astype(np.float64)
+    exact = np.log(np.exp(z - z[np.arange(4000), labels][:, None]).sum(-1))
+    for loss in (
+        xent_jax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        xent_jax.softmax_cross_entropy(logits, one_hot(labels, num_classes)),
+    ):
+        loss = np.asarray(loss)
+        assert np.all(loss >= 0), loss.min()
+        assert_close(loss, exact)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gradient_with_respect_to_half_precision_targets_has_their_dtype(dtype):
+    logits = jnp.asarray(np.random.default_rng(10).normal(size=(3, 4)), dtype)
+    targets = jnp.asarray([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0, 1]], dtype)
+    grad = jax.grad(lambda t: jnp.sum(xent_jax.softmax_cross_entropy(logits, t)))(targets)
+    assert grad.dtype == dtype
+    expected = -jax.nn.log_softmax(logits.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad, np.float32), expected, **tolerance(dtype))
 
 
 def test_careful_path_keeps_the_digits_of_a_confident_loss_at_large_logits():

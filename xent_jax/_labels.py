@@ -28,12 +28,18 @@ class IntegerLabels(NamedTuple):
     invalid: jax.Array
 
 
-def _comparable(labels: jax.Array) -> jax.Array:
-    """``labels`` in int32 when their dtype is narrower or unsigned: compared in their own dtype,
-    ``num_classes`` or a negative ``ignore_index`` would wrap (256 is 0 in uint8, -100 is 156)."""
-    if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
-        return labels.astype(jnp.int32)
-    return labels
+def comparable_labels(labels: jax.Array) -> jax.Array:
+    """Integer labels in a dtype where comparing them with ``num_classes`` or ``ignore_index``
+    cannot wrap: their own for int32 / int64, int32 for narrower or unsigned dtypes.
+
+    In uint8, 256 is 0 and -100 is 156; cast plainly, uint32 2**32 - 1 would be -1. The int32
+    conversion saturates instead, so an out-of-range label stays out of range.
+    """
+    if jnp.issubdtype(labels.dtype, jnp.signedinteger) and labels.dtype.itemsize >= 4:
+        return labels
+    if labels.dtype.itemsize >= 4:  # unsigned
+        labels = jnp.minimum(labels, np.iinfo(np.int32).max)
+    return labels.astype(jnp.int32)
 
 
 def prepare_integer_labels(
@@ -44,7 +50,7 @@ def prepare_integer_labels(
     ignore_index: int | None,
     what: str = "logits",
 ) -> IntegerLabels:
-    labels = _comparable(v.as_integer_labels(labels))
+    labels = comparable_labels(v.as_integer_labels(labels))
     if labels.shape != tuple(batch_shape):
         raise ValueError(
             f"labels must have the shape of {what} without the class axis: expected "
@@ -91,13 +97,13 @@ def validate_integer_labels(
       ValueError: invalid integer label 7 at position [1] of labels: outside [0, 4)
     """
     labels = v.as_integer_labels(labels)
-    comparable = _comparable(labels)
+    comparable = comparable_labels(labels)
     bad = (comparable < 0) | (comparable >= num_classes)
     if ignore_index is not None:
         bad = bad & (comparable != ignore_index)
     first = jnp.argmax(bad.ravel()) if labels.size else jnp.zeros((), jnp.int32)
     position = jnp.stack(jnp.unravel_index(first, labels.shape)) if labels.ndim else first
-    value = comparable.ravel()[first] if labels.size else jnp.zeros((), comparable.dtype)
+    value = labels.ravel()[first] if labels.size else jnp.zeros((), labels.dtype)
     # A concrete class count goes into the message as text (as an array argument, checkify
     # would print it as "TypedInt(4, dtype=int32)" outside jit).
     concrete = isinstance(num_classes, int | np.integer)

@@ -156,9 +156,9 @@ def _binary_cross_entropy_sum_jvp(primals, tangents):
     tangent = jnp.zeros_like(total)
     if not isinstance(dx, SymbolicZero):
         # d/dx of w softplus(-x) + v softplus(x); a term with zero weight contributes nothing.
-        grad_x = jnp.where(positive == 0, 0, -positive * jax.nn.sigmoid(-x)) + jnp.where(
-            negative == 0, 0, negative * jax.nn.sigmoid(x)
-        )
+        # sigmoid is bounded: no 0 * inf to guard against, and a where on the product would
+        # zero the mixed derivative d2/dx dy at labels of exactly 0 or 1.
+        grad_x = negative * jax.nn.sigmoid(x) - positive * jax.nn.sigmoid(-x)
         tangent = jnp.sum(grad_x * dx)
     if not (d_smoothed is None and isinstance(d_pos_weight, SymbolicZero)):
         # d/dy of y softplus(-x) is softplus(-x) at y = 0 too: only 0 * inf is taken as 0.

@@ -421,7 +421,11 @@ def _dense_statistics_cpu(given_z, given_targets, weights, smoothing: bool):
         ok = ok & finite
 
     def fast():
-        nll = mass * offset + (mass * hint - dot)
+        # offset = lse - hint >= 0 for non-negative targets, but the two rounded factors of
+        # ``total`` can put a confident row one ulp below 0 (a loss of -1.2e-7). Only that
+        # rounding band is lifted: negative targets can make a loss genuinely negative.
+        rounding = (offset < 0) & (offset > -4 * jnp.finfo(offset.dtype).eps)
+        nll = mass * jnp.where(rounding, 0, offset) + (mass * hint - dot)
         return nll, offset + hint, *(smooth_parts if smoothing else _no_smoothing(nll))
 
     def careful():
@@ -477,7 +481,7 @@ def _dense_rows_jvp(primals, tangents):
         d_nll_t = jnp.sum(coefficient * dtargets, axis=-1)
         d_nll = d_nll + d_nll_t
         d_loss = d_loss + c_nll * d_nll_t
-        d_mass = jnp.sum(dtargets, axis=-1)
+        d_mass = jnp.sum(dtargets, axis=-1).astype(zeros.dtype)  # half-precision targets
     if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
         d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(z, rows, options, dweights)
         d_smooth, d_loss = d_smooth + d_smooth_w, d_loss + d_loss_w

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
-from xent_jax._labels import prepare_integer_labels
+from xent_jax._labels import comparable_labels, prepare_integer_labels
 from xent_jax._logits import smoothing_is_on, split_where
 
 __all__ = [
@@ -41,6 +41,9 @@ def _softmax_setup(
     v.check_nonnegative("z_loss", z_loss)
     weights = v.check_class_weights(class_weights, raw.shape[axis])
     x = jnp.moveaxis(raw.astype(v.compute_dtype(raw.dtype)), axis, -1)
+    if class_mask is not None:
+        # Before the cap: a masked NaN then never reaches the tanh or its derivative.
+        x = jnp.where(jnp.moveaxis(class_mask, axis, -1), x, -jnp.inf)
     if logit_softcap is None:
         z, dcap = x, jnp.ones_like(x)
     else:
@@ -48,8 +51,6 @@ def _softmax_setup(
         t = jnp.tanh(x / logit_softcap)
         z = jnp.where(x == -jnp.inf, x, logit_softcap * t)
         dcap = jnp.where(x == -jnp.inf, 0.0, 1 - t * t)
-    if class_mask is not None:
-        z = jnp.where(jnp.moveaxis(class_mask, axis, -1), z, -jnp.inf)
     return z, dcap, example_mask, axis, weights
 
 
@@ -195,7 +196,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
     # The losses' checks of the labels (integer dtype, the batch shape); the rest is redone here.
     prepare_integer_labels(labels, batch_shape=z.shape[:-1], num_classes=k, ignore_index=None)
     p, lse, available, row_valid = _softmax_parts(z)
-    labels = jnp.asarray(labels)
+    labels = comparable_labels(jnp.asarray(labels))  # no wrap: uint8 with 256 classes, say
     onehot = labels[..., None] == jnp.arange(k)
     w = jnp.ones(k, z.dtype) if w is None else w.astype(z.dtype)
     w_y = jnp.sum(jnp.where(onehot, w, 0.0), axis=-1)

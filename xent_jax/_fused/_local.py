@@ -24,6 +24,7 @@ from xent_jax._fused._blocks import (
 )
 from xent_jax._fused._passes import _grad_pass, _stats_pass, _strip_pass
 from xent_jax._fused._tile_math import _BlockedInputs, _finish_rows, _grad_coefficients
+from xent_jax._labels import comparable_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _prepare_rows(call: _Call, nondiff: _NonDiffInputs, bias) -> _BlockedInputs:
     plan = call.plan
     n = plan.n
     offset = _vocab_offset(call, plan.v)
-    labels = nondiff.labels.reshape(n).astype(jnp.int32)
+    labels = comparable_labels(nondiff.labels.reshape(n))
     example_mask = nondiff.example_mask
     keep = jnp.ones((n,), jnp.bool_) if example_mask is None else example_mask.reshape(n)
     invalid = (labels < 0) | (labels >= plan.v_global)
@@ -75,7 +76,7 @@ def _prepare_rows(call: _Call, nondiff: _NonDiffInputs, bias) -> _BlockedInputs:
         kept = labels != plan.ignore_index
         keep = keep & kept
         invalid = invalid & kept
-    safe = jnp.clip(labels, 0, plan.v_global - 1)
+    safe = jnp.clip(labels, 0, plan.v_global - 1).astype(jnp.int32)
     wy = None
     if nondiff.class_weights is not None:
         cw = nondiff.class_weights

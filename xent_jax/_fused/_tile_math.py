@@ -176,7 +176,10 @@ def _finish_rows(plan: _Plan, inputs: _BlockedInputs, stats: _Stats) -> _Rows:
     lse = jnp.where(row_ok, _shift(stats.m) + jnp.log(jnp.where(row_ok, stats.s, 1)), 0)
     one_minus = 1.0 - plan.eps
     wy = inputs.wy if inputs.wy is not None else 1.0
-    nll = lse - stats.zy
+    # lse - z_y as (max - z_y) + log(sum): the large terms cancel first, exactly (lse - z_y keeps
+    # only lse's ulp: 7.6e-6 for a true 8.4e-6 at logits [90, 78, 77]).
+    log_sum = jnp.log(jnp.where(row_ok, stats.s, 1))
+    nll = jnp.where(row_ok, (_shift(stats.m) - stats.zy) + log_sum, lse - stats.zy)
     if inputs.wy is not None:
         nll = nll * inputs.wy
     loss = nll
@@ -229,10 +232,11 @@ def _tile_grad(
     elif mask is not None:
         du = jnp.where(mask, du, 0)
     if plan.softcap is not None:
-        # d(cap tanh(u / cap))/du = 1 - (capped / cap)^2; a -inf logit passes through the cap
-        # unchanged (derivative 1), where the formula would give 0 * -inf = NaN.
-        dcap = 1.0 - jnp.square(logits / plan.softcap)
-        du = du * jnp.where(logits == -jnp.inf, 1.0, dcap)
+        # d(cap tanh(u / cap))/du = 1 - (capped / cap)^2, from the masked logits: a class masked
+        # by a -inf bias or by `where` (even over a NaN) passes through (derivative 1, du = 0)
+        # where the formula would give 0 * -inf or 0 * NaN = NaN.
+        dcap = 1.0 - jnp.square(masked_logits / plan.softcap)
+        du = du * jnp.where(masked_logits == -jnp.inf, 1.0, dcap)
     # Rows without a gradient stay exactly 0, even where their logits are NaN or inf.
     live = (prob_coef != 0) | (label_coef != 0) | (smooth_coef != 0)
     return jnp.where(live[:, None], du, 0)
