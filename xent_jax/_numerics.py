@@ -15,7 +15,7 @@ def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     ``jax.scipy.special.xlogy`` returns the right value at ``x = 0`` but its gradient with respect
     to ``x`` is ``log(0) = -inf`` where ``y = 0`` too, which turns into NaN downstream (for
     example through a softmax with a masked logit). Here that gradient is defined as 0; where
-    ``y`` is a positive finite number it stays ``log(y)`` (``x * log(y)`` is linear in ``x``).
+    ``y`` is a positive normal number it stays ``log(y)`` (``x * log(y)`` is linear in ``x``).
     """
     # Double where: log never sees a y that is 0, subnormal (flushed to 0 by XLA's log on CPU)
     # or not finite where x is 0, so no inf reaches the gradient; every other y keeps

@@ -28,7 +28,7 @@ __all__ = [
 
 
 def _softmax_setup(
-    logits, axis, where, logit_softcap, *, label_smoothing=0.0, class_weights=None, z_loss=0.0
+    logits, axis, where, logit_softcap, label_smoothing=0.0, class_weights=None, z_loss=0.0
 ):
     """Checks the inputs as the losses do; returns (capped logits z [..., K] with masked classes
     at -inf, dz_capped/dz_raw, example mask or None, normalised axis, class weights or None)."""
@@ -116,15 +116,9 @@ def softmax_cross_entropy_grad(
       Array([[-0.5,  0.5]], dtype=float32)
     """
     targets = v.as_float_array("labels", labels)
-    v.check_same_shape("logits", v.as_float_array("logits", logits), "labels", targets)
+    v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
     z, dcap, example_mask, axis, w = _softmax_setup(
-        logits,
-        axis,
-        where,
-        logit_softcap,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,
-        z_loss=z_loss,
+        logits, axis, where, logit_softcap, label_smoothing, class_weights, z_loss
     )
     p, lse, available, row_valid = _softmax_parts(z)
     t = jnp.moveaxis(targets.astype(z.dtype), axis, -1)
@@ -184,13 +178,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
       Array([[ 0.5, -0.5]], dtype=float32)
     """
     z, dcap, example_mask, axis, w = _softmax_setup(
-        logits,
-        axis,
-        where,
-        logit_softcap,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,
-        z_loss=z_loss,
+        logits, axis, where, logit_softcap, label_smoothing, class_weights, z_loss
     )
     k = z.shape[-1]
     # The losses' checks of the labels (integer dtype, the batch shape); the rest is redone here.
