@@ -3,25 +3,15 @@ for the tests of both formulations (``tests/conftest.py``, ``tests/test_online.p
 
 import contextlib
 
-import jax
-
-from xent_jax import _online
+import xent_jax
 
 
 @contextlib.contextmanager
 def one_pass_everywhere(on: bool = True):
-    """Within the context, every platform uses ``xent_jax._online`` when ``on``.
-
-    Traces cached under the other formulation must not be reused: the caches are cleared on
-    entry and on exit.
-    """
+    """Within the context, every platform uses the one-pass formulation when ``on``
+    (``xent_jax.softmax_formulation``, which clears JAX's caches on entry and exit)."""
     if not on:
         yield
         return
-    jax.clear_caches()
-    _online._EVERYWHERE = True
-    try:
+    with xent_jax.softmax_formulation("one_pass"):
         yield
-    finally:
-        _online._EVERYWHERE = False
-        jax.clear_caches()

@@ -93,7 +93,7 @@ def _fused_case(mesh_kind: str, layout: str, reduction: str, options: str, resul
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from xent_jax._fused import linear_softmax_cross_entropy_with_integer_labels as fused
+    from xent_jax import linear_softmax_cross_entropy_with_integer_labels as fused
 
     x, w, b, y, cw, mask = _data()
     opts = dict(OPTIONS[options])
@@ -147,7 +147,7 @@ def _logits_case(mesh_kind: str, layout: str, results: dict):
     from jax.sharding import PartitionSpec as P
 
     import xent_jax
-    from xent_jax._sharded import vocab_parallel_softmax_cross_entropy_with_integer_labels
+    from xent_jax import vocab_parallel_softmax_cross_entropy_with_integer_labels
 
     x, w, b, y, cw, mask = _data()
     logits = x @ w + b
@@ -195,7 +195,7 @@ def _memory(results: dict):
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from xent_jax._fused import linear_softmax_cross_entropy_with_integer_labels as fused
+    from xent_jax import linear_softmax_cross_entropy_with_integer_labels as fused
 
     n, d, v = 2048, 64, 16384
     memory = {}

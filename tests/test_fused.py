@@ -17,7 +17,7 @@ import pytest
 import xent_jax
 from tests import reference
 from tests.tolerances import tolerance
-from xent_jax._fused import LinearCrossEntropyAux, linear_softmax_cross_entropy_with_integer_labels
+from xent_jax import LinearCrossEntropyAux, linear_softmax_cross_entropy_with_integer_labels
 
 fused = linear_softmax_cross_entropy_with_integer_labels
 materialised = xent_jax.softmax_cross_entropy_with_integer_labels
@@ -378,8 +378,10 @@ def test_errors_name_the_argument():
         fused(x, w, y, label_smoothing=1.0)
     with pytest.raises(ValueError, match="block_size_vocab"):
         fused(x, w, y, block_size_vocab=0)
-    with pytest.raises(TypeError, match="label_smoothing"):
-        jax.jit(lambda e: fused(x, w, y, label_smoothing=e))(0.1)
+    with pytest.raises(TypeError, match="logit_softcap must be a Python number"):
+        jax.jit(lambda s: fused(x, w, y, logit_softcap=s))(5.0)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        fused(x, w, y, ignore_index=-100.5)
     with pytest.raises(ValueError, match="precision must be"):
         fused(x, w, y, precision="exact")
 

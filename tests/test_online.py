@@ -19,7 +19,7 @@ from jax import export
 import xent_jax
 from tests.formulation import one_pass_everywhere
 from tests.tolerances import tolerance
-from xent_jax import _online
+from xent_jax import _online, _platform
 
 N, K = 8, 16
 LOGITS = f"tensor<{N}x{K}xf32>"
@@ -129,5 +129,5 @@ def test_a_nan_or_inf_logit_anywhere_makes_the_row_nan(position, value):
 
 def test_eager_calls_choose_by_the_arrays_device():
     z = jnp.ones((2, 3))
-    chosen = _online.by_platform(lambda x: "cpu", lambda x: "accelerator", z)
+    chosen = _platform.by_platform(lambda x: "cpu", lambda x: "accelerator", z)
     assert chosen == ("cpu" if z.devices().pop().platform == "cpu" else "accelerator")

@@ -13,6 +13,7 @@ from xent_jax._focal import (
 from xent_jax._fused import (
     LinearCrossEntropyAux,
     linear_softmax_cross_entropy_with_integer_labels,
+    vocab_parallel_softmax_cross_entropy_with_integer_labels,
 )
 from xent_jax._information import (
     binary_entropy,
@@ -22,12 +23,12 @@ from xent_jax._information import (
     kl_divergence,
 )
 from xent_jax._labels import checked, validate_integer_labels
+from xent_jax._platform import softmax_formulation
 from xent_jax._probabilities import (
     binary_cross_entropy,
     categorical_cross_entropy,
     sparse_categorical_cross_entropy,
 )
-from xent_jax._sharded import vocab_parallel_softmax_cross_entropy_with_integer_labels
 from xent_jax._sigmoid import sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from xent_jax._softmax import (
     softmax_cross_entropy,
@@ -57,6 +58,7 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "softmax_focal_loss",
     "softmax_focal_loss_with_integer_labels",
+    "softmax_formulation",
     "sparse_categorical_cross_entropy",
     "validate_integer_labels",
     "vocab_parallel_softmax_cross_entropy_with_integer_labels",

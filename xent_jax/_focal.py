@@ -11,6 +11,7 @@ from xent_jax._labels import prepare_integer_labels
 from xent_jax._logits import (
     combine_masks,
     masked_logsumexp,
+    pick_labels,
     prepare_logits,
     smooth_targets,
 )
@@ -79,6 +80,8 @@ def softmax_focal_loss(
     targets = v.as_float_array("labels", labels)
     v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
     targets = jnp.moveaxis(targets.astype(z.dtype), prepared.axis, -1)
+    if prepared.class_mask is not None:
+        targets = jnp.where(prepared.class_mask, targets, 0)  # masked classes carry no target
     lse, row_valid = masked_logsumexp(z)
     # Double where: a fully masked row computes on log p = 0, so its -inf never meets a weight
     # that depends on the logits (0 * -inf = NaN in the gradient).
@@ -137,7 +140,7 @@ def softmax_focal_loss_with_integer_labels(
         labels, batch_shape=z.shape[:-1], num_classes=z.shape[-1], ignore_index=ignore_index
     )
     lse, row_valid = masked_logsumexp(z)
-    label_logits = jnp.take_along_axis(z, labels.safe[..., None], axis=-1)[..., 0]
+    label_logits = pick_labels(z, labels.safe)
     # Double where: a fully masked row computes on log p = 0 (see softmax_focal_loss).
     log_p = jnp.where(row_valid, label_logits - lse, 0)
     loss = -_focal_weights(log_p, gamma) * log_p
@@ -194,6 +197,9 @@ def poly_loss_cross_entropy(
     v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
     v.check_label_smoothing(label_smoothing)
     targets = jnp.moveaxis(targets.astype(z.dtype), prepared.axis, -1)
+    if prepared.class_mask is not None:
+        # A masked class leaves the softmax and the target sum alike (optax's convention).
+        targets = jnp.where(prepared.class_mask, targets, 0)
     targets = smooth_targets(targets, z, label_smoothing)
     lse, row_valid = masked_logsumexp(z)
     log_probs = z - lse[..., None]

@@ -4,6 +4,7 @@ divergences, binary entropy. 0·log 0 = 0 everywhere, with finite gradients."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +50,27 @@ def _sum(terms: jax.Array, axis: int, mask: jax.Array | None, base: float | None
     if mask is not None:
         terms = jnp.where(mask, terms, 0)
     total = jnp.sum(terms, axis=axis)
-    return total if base is None else total / math.log(base)
+    if base is None:
+        return total
+    if isinstance(base, jax.core.Tracer):
+        # Loud, never silently wrong: a traced base that is not positive or is 1 gives NaN.
+        usable = (base > 0) & (base != 1)
+        return total / jnp.log(jnp.where(usable, base, jnp.nan)).astype(total.dtype)
+    return total / math.log(base)
 
 
 def _check_base(base: float | None) -> None:
-    if base is not None and (base <= 0 or base == 1):
+    """``None``, a number > 0 and != 1, or a traced scalar (checked at run time: NaN)."""
+    if base is None:
+        return
+    if isinstance(base, jax.core.Tracer):
+        if jnp.ndim(base):
+            raise ValueError(f"base must be a scalar, got shape {jnp.shape(base)}.")
+        return
+    scalar_array = isinstance(base, np.ndarray | jax.Array) and np.ndim(base) == 0
+    if isinstance(base, bool) or not (isinstance(base, numbers.Real) or scalar_array):
+        raise TypeError(f"base must be a real number or None, got {base!r}.")
+    if base <= 0 or base == 1:
         raise ValueError(f"base must be positive and not 1 (or None for nats), got {base!r}.")
 
 

@@ -3,6 +3,7 @@ error (``validate_integer_labels`` + ``checked``) that works under ``jit``."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -14,6 +15,12 @@ from jax.experimental import checkify
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
+
+# Whether a call is running inside a function wrapped by ``checked`` (whose checkify transform
+# is what turns validate_integer_labels' check into an error).
+_INSIDE_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "xent_jax_inside_checked", default=False
+)
 
 
 class IntegerLabels(NamedTuple):
@@ -96,6 +103,12 @@ def validate_integer_labels(
         ...
       ValueError: invalid integer label 7 at position [1] of labels: outside [0, 4)
     """
+    if not _INSIDE_CHECKED.get():
+        raise RuntimeError(
+            "validate_integer_labels must run inside a function wrapped by xent_jax.checked "
+            "(outermost: `xent_jax.checked(jax.jit(f))`), which turns its check into a "
+            "ValueError; without it the losses give NaN for invalid labels."
+        )
     labels = v.as_integer_labels(labels)
     comparable = comparable_labels(labels)
     bad = (comparable < 0) | (comparable >= num_classes)
@@ -132,7 +145,11 @@ def checked(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        error, out = checked_fn(*args, **kwargs)
+        token = _INSIDE_CHECKED.set(True)
+        try:
+            error, out = checked_fn(*args, **kwargs)
+        finally:
+            _INSIDE_CHECKED.reset(token)
         message = error.get()
         if message is not None:
             # checkify appends where the check was traced; the first line is the user's message.

@@ -3,6 +3,7 @@ log-softmax that survives ``-inf`` logits and fully masked rows."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
+from xent_jax._mesh import is_explicitly_sharded
 
 
 class PreparedLogits(NamedTuple):
@@ -19,11 +21,13 @@ class PreparedLogits(NamedTuple):
       logits: ``[..., K]`` in the compute dtype, class axis last, soft-capped, masked classes set
         to ``-inf``.
       example_mask: ``[...]`` boolean, or ``None`` when every example is kept.
+      class_mask: ``[..., K]`` boolean (class axis last), or ``None`` without a class mask.
       axis: the class axis of the caller's layout (non-negative).
     """
 
     logits: jax.Array
     example_mask: jax.Array | None
+    class_mask: jax.Array | None
     axis: int
 
 
@@ -31,7 +35,6 @@ def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
     """``cap * tanh(logits / cap)``; ``-inf`` logits stay ``-inf`` so masked entries stay masked."""
     if cap is None:
         return logits
-    v.check_positive("logit_softcap", cap)
     capped = cap * jnp.tanh(logits / cap)
     return jnp.where(logits == -jnp.inf, logits, capped)
 
@@ -54,6 +57,28 @@ def split_where(
     return None, jnp.broadcast_to(mask, batch_shape)
 
 
+def collapse_class_axes(
+    logits: jax.Array, axes: tuple[int, ...], where: ArrayLike | None, targets=None
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Moves the class ``axes`` (normalised, in the caller's order) to the end and flattens them
+    into one class axis, as optax does for a tuple ``axis``; a class-rank ``where`` and dense
+    ``targets`` are laid out the same way. An integer label is then a flat index into the
+    class block (``jnp.ravel_multi_index`` over the class axes' sizes)."""
+    batch_axes = tuple(a for a in range(logits.ndim) if a not in axes)
+    order = batch_axes + axes
+    batch_shape = tuple(logits.shape[a] for a in batch_axes)
+    num_classes = math.prod(logits.shape[a] for a in axes)
+
+    def collapse(array):
+        return jnp.transpose(array, order).reshape(*batch_shape, num_classes)
+
+    mask = v.as_mask("where", where)
+    if mask is not None and mask.ndim == logits.ndim:
+        v.check_broadcastable("where", mask, logits.shape, "logits")
+        mask = collapse(jnp.broadcast_to(mask, logits.shape))
+    return collapse(logits), mask, None if targets is None else collapse(targets)
+
+
 def prepare_logits(
     logits: ArrayLike,
     *,
@@ -71,13 +96,14 @@ def prepare_logits(
         z = jnp.where(class_mask, z, -jnp.inf)
     if axis != logits.ndim - 1:
         z = jnp.moveaxis(z, axis, -1)
+        class_mask = None if class_mask is None else jnp.moveaxis(class_mask, axis, -1)
     if example_mask is not None:
         # Double where: masked examples compute on zeros, so NaNs there cannot reach gradients.
         z = jnp.where(example_mask[..., None], z, 0)
     # After the masks: a NaN hidden by either never reaches the tanh (whose NaN derivative
     # would reach the gradient of the masked logit).
     z = soft_cap(z, logit_softcap)
-    return PreparedLogits(z, example_mask, axis)
+    return PreparedLogits(z, example_mask, class_mask, axis)
 
 
 class LogSumExp(NamedTuple):
@@ -97,6 +123,18 @@ def masked_logsumexp(z: jax.Array) -> LogSumExp:
     # Double where: a fully masked row takes log(1) = 0 instead of log(0) = -inf.
     safe_sum = jnp.where(row_valid, sum_exp, 1)
     return LogSumExp(jnp.log(safe_sum) + shift[..., 0], row_valid)
+
+
+def pick_labels(values: jax.Array, labels: jax.Array) -> jax.Array:
+    """``values[..., label]`` along the last axis.
+
+    JAX's sharding-in-types refuses a gather along a class axis that is sharded over an explicit
+    mesh; there a masked sum takes its place, which each device reduces over its own classes.
+    """
+    if is_explicitly_sharded(values):
+        iota = jax.lax.broadcasted_iota(labels.dtype, values.shape, values.ndim - 1)
+        return jnp.sum(jnp.where(iota == labels[..., None], values, 0), axis=-1)
+    return jnp.take_along_axis(values, labels[..., None], axis=-1)[..., 0]
 
 
 def available_classes(z: jax.Array) -> jax.Array:

@@ -18,8 +18,8 @@ therefore keep the hinted formulation on every platform (``pays_off``).
 The results follow the careful path's conventions exactly: a row whose logits are all ``-inf``
 has ``lse = -inf``; a ``+inf`` or NaN logit makes ``lse`` NaN (loud); ``-inf`` logits are
 unavailable classes for label smoothing. ``_softmax`` picks this formulation per platform with
-``lax.platform_dependent`` (``by_platform``, which the sigmoid loss's fused sum uses too); its
-tests also run it on the CPU.
+``lax.platform_dependent`` (:mod:`xent_jax._platform`, which the sigmoid loss's fused sum uses
+too); ``xent_jax.softmax_formulation("one_pass")`` runs it on the CPU, as its tests do.
 """
 
 from __future__ import annotations
@@ -159,28 +159,3 @@ def dense_statistics(given_z, given_targets, weights, smoothing: bool):
     if not smoothing:
         return nll, lse, jnp.zeros_like(nll), jnp.ones_like(nll), jnp.ones_like(nll), mass
     return nll, lse, *_smoothing_stats(lse, log_sum, sums, weights), mass
-
-
-# Tests set this to run the one-pass formulation on the CPU too (see tests/formulation.py).
-_EVERYWHERE = False
-
-
-def pays_off(dtype) -> bool:
-    """Whether accelerators use the one-pass formulation for logits of this dtype."""
-    return _EVERYWHERE or jnp.dtype(dtype).itemsize >= 4
-
-
-def by_platform(cpu, accelerator, *args):
-    """``cpu(*args)`` when lowering for the CPU, ``accelerator(*args)`` for a GPU or TPU.
-
-    Under a trace the choice is made per lowering platform (``lax.platform_dependent``: only
-    the chosen branch is compiled). Eagerly, the arrays' devices decide, without a ``switch``
-    (whose fresh closures would be recompiled at every eager call).
-    """
-    if _EVERYWHERE:
-        return accelerator(*args)
-    leaves = jax.tree_util.tree_leaves(args)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
-    platforms = {d.platform for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
-    return cpu(*args) if platforms <= {"cpu"} else accelerator(*args)

@@ -13,7 +13,7 @@ from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
 from xent_jax._labels import prepare_integer_labels
-from xent_jax._logits import combine_masks
+from xent_jax._logits import combine_masks, pick_labels
 from xent_jax._numerics import xlogy
 from xent_jax._reduction import reduce_loss
 
@@ -59,7 +59,7 @@ def binary_cross_entropy(
 
     Args:
       probs: ``[...]`` predicted probabilities of the positive class.
-      labels: ``[...]`` targets in ``[0, 1]``, broadcastable to ``probs``.
+      labels: ``[...]`` targets in ``[0, 1]``, the shape of ``probs``.
       eps: clipping margin (Keras's ``backend.epsilon()`` is ``1e-7``).
       label_smoothing: :math:`\varepsilon`: labels become :math:`y(1-\varepsilon) + \varepsilon/2`.
       where: boolean mask broadcastable to ``probs``.
@@ -76,10 +76,11 @@ def binary_cross_entropy(
     """
     p = _as_probs(probs)
     y = v.as_float_array("labels", labels)
-    v.check_broadcastable("labels", y, p.shape, "probs")
+    # Same shape, as Keras insists: labels [N, 1] against probs [N, 3] is a bug.
+    v.check_same_shape("probs", p, "labels", y)
     v.check_label_smoothing(label_smoothing)
     _check_eps(eps)
-    y = jnp.broadcast_to(y.astype(p.dtype), p.shape)
+    y = y.astype(p.dtype)
     y = (1 - label_smoothing) * y + label_smoothing / 2
     p = _clipped(p, eps)
     # 0 - x rather than -x: a certain, correct prediction costs 0, not -0.
@@ -114,7 +115,10 @@ def categorical_cross_entropy(
       axis: the class axis.
       eps: clipping margin.
       label_smoothing: :math:`\varepsilon` (Keras's smoothing over all ``K`` classes).
-      where: boolean mask broadcastable to the batch shape (``probs`` without ``axis``).
+      where: boolean mask. With the rank of ``probs`` it masks classes (as in
+        :func:`xent_jax.softmax_cross_entropy`: they leave the renormalisation, the target sum
+        and the smoothing); with a lower rank it broadcasts to the batch shape (``probs``
+        without ``axis``) and masks examples.
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` over valid examples.
 
     Returns:
@@ -134,7 +138,18 @@ def categorical_cross_entropy(
     _check_eps(eps)
     axis = v.normalize_axis(axis, p.ndim, "probs")
     y = y.astype(p.dtype)
-    y = (1 - label_smoothing) * y + label_smoothing / p.shape[axis]
+    class_mask = v.as_mask("where", where)
+    uniform = label_smoothing / p.shape[axis]
+    if class_mask is not None and class_mask.ndim == p.ndim:
+        v.check_broadcastable("where", class_mask, p.shape, "probs")
+        class_mask = jnp.broadcast_to(class_mask, p.shape)
+        # Double where: masked classes hold 0 probability and 0 target, so neither their value
+        # nor a NaN there reaches the loss or the gradients.
+        p, y = jnp.where(class_mask, p, 0), jnp.where(class_mask, y, 0)
+        count = jnp.maximum(jnp.sum(class_mask, axis=axis, keepdims=True), 1)
+        uniform = jnp.where(class_mask, label_smoothing / count, 0)
+        where = None
+    y = (1 - label_smoothing) * y + uniform
     # xlogy: 0 log 0 = 0 where eps=0 leaves a probability at 0 (y log p would give NaN).
     loss = 0.0 - jnp.sum(xlogy(y, _renormalized_probs(p, axis, eps)), axis=axis)
     return _mask_examples(loss, where, reduction)
@@ -186,7 +201,7 @@ def sparse_categorical_cross_entropy(
         ignore_index=ignore_index,
         what="probs",
     )
-    loss = -jnp.take_along_axis(log_probs, labels.safe[..., None], axis=-1)[..., 0]
+    loss = -pick_labels(log_probs, labels.safe)
     # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
     loss = jnp.where(labels.invalid, jnp.nan, loss)
     if labels.kept is not None:

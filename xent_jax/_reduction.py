@@ -21,7 +21,8 @@ def reduce_loss(
         masked / ignored examples); ``None`` means every example counts once.
 
     Returns:
-      ``values`` unchanged, their sum, or their weighted mean (0.0 when the weights sum to 0).
+      ``values`` unchanged, their sum, or their weighted mean (0.0 when the weights sum to
+      exactly 0).
     """
     check_reduction(reduction)
     if reduction == "none":
@@ -32,6 +33,8 @@ def reduce_loss(
     if denominator_weights is None:
         return total / values.size if values.size else jnp.zeros((), values.dtype)
     denominator = jnp.sum(denominator_weights).astype(values.dtype)
+    # A mean over nothing (an exactly zero denominator) is 0; any other denominator divides,
+    # a negative sum of class weights included (as PyTorch does).
     # Double where: the division never sees a zero, so its gradient stays finite too.
-    safe = jnp.where(denominator > 0, denominator, 1)
-    return jnp.where(denominator > 0, total / safe, 0)
+    nonzero = denominator != 0
+    return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), 0)

@@ -9,14 +9,15 @@ from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
 from xent_jax._numerics import fast_or_careful, safe_power, upcast_alias
-from xent_jax._online import by_platform
+from xent_jax._platform import by_platform
 from xent_jax._reduction import reduce_loss
 
 
 def _prepare(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None):
     logits = v.as_float_array("logits", logits)
     labels = v.as_float_array("labels", labels)
-    v.check_broadcastable("labels", labels, logits.shape, "logits")
+    # Same shape, as Keras and PyTorch insist: labels [N, 1] against logits [N, 3] is a bug.
+    v.check_same_shape("logits", logits, "labels", labels)
     dtype = v.compute_dtype(logits.dtype)
     x = logits.astype(dtype)
     y = jnp.broadcast_to(labels.astype(dtype), logits.shape)
@@ -204,7 +205,7 @@ def sigmoid_binary_cross_entropy(
 
     Args:
       logits: ``[...]`` logits; float16 / bfloat16 are computed in float32.
-      labels: ``[...]`` targets in ``[0, 1]`` (broadcastable to ``logits``).
+      labels: ``[...]`` targets in ``[0, 1]``, the shape of ``logits``.
       pos_weight: weight :math:`w_+` of the positive term, broadcastable to ``logits`` (PyTorch's
         ``pos_weight``, one per class on the last axis).
       label_smoothing: :math:`\varepsilon \in [0, 1)`.
@@ -266,7 +267,7 @@ def sigmoid_focal_loss(
 
     Args:
       logits: ``[...]`` logits.
-      labels: ``[...]`` targets in ``[0, 1]``.
+      labels: ``[...]`` targets in ``[0, 1]``, the shape of ``logits``.
       alpha: weight of the positive class, or ``None`` for no weighting.
       gamma: focusing parameter :math:`\gamma \ge 0` (0 gives the plain cross-entropy).
       where: boolean mask broadcastable to ``logits``.

@@ -40,13 +40,15 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from xent_jax import _online, _sharded
+from xent_jax import _mesh, _online
 from xent_jax import _validation as v
+from xent_jax._fused import vocab_parallel_integer_loss
 from xent_jax._labels import prepare_integer_labels
-from xent_jax._logits import combine_masks, prepare_logits, smoothing_is_on
+from xent_jax._logits import collapse_class_axes, combine_masks, prepare_logits
 from xent_jax._numerics import fast_or_careful
 from xent_jax._numerics import upcast_alias as _upcast_alias
-from xent_jax._online import by_platform
+from xent_jax._options import SoftmaxOptions, softmax_options
+from xent_jax._platform import by_platform, pays_off
 from xent_jax._reduction import reduce_loss
 
 # A row whose shifted sum of exponentials falls below this (or is not finite) sends the batch to
@@ -298,7 +300,7 @@ def _available_weights(z, weights):
 def _statistics(hinted, one_pass, z, *rest):
     """Row statistics by ``one_pass`` where it pays off (GPU / TPU, 4-byte logits), else by
     ``hinted`` (the CPU formulation)."""
-    return by_platform(hinted, one_pass if _online.pays_off(z.dtype) else hinted, z, *rest)
+    return by_platform(hinted, one_pass if pays_off(z.dtype) else hinted, z, *rest)
 
 
 def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
@@ -337,8 +339,12 @@ def _integer_statistics_cpu(given, label_logits, weights, smoothing: bool):
 
 
 @jax.custom_jvp
-def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows:
-    """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes)."""
+def _integer_rows(z, labels, label_weights, weights, kept, options: _Options) -> _Rows:
+    """Per-row loss for integer labels; ``z`` may be half precision (upcast inside the passes).
+
+    ``kept`` (``None``: every row) marks the rows that are not ``ignore_index``: the others get
+    an exactly zero derivative, even where their logits are not finite.
+    """
     smoothing = options.label_smoothing is not None
     label_logits = _label_logits(z, labels)
     nll, lse, smooth, smooth_weight, num_available = _statistics(
@@ -353,9 +359,9 @@ def _integer_rows(z, labels, label_weights, weights, options: _Options) -> _Rows
 
 
 def _integer_rows_jvp(primals, tangents):
-    z, labels, label_weights, weights, options = primals
-    dz, _, d_label_weights, dweights, d_options = tangents
-    rows = _integer_rows(z, labels, label_weights, weights, options)
+    z, labels, label_weights, weights, kept, options = primals
+    dz, _, d_label_weights, dweights, _, d_options = tangents
+    rows = _integer_rows(z, labels, label_weights, weights, kept, options)
     z = _upcast_alias(z, _GRADIENT)
     zeros = jnp.zeros_like(rows.loss)
     scale = jnp.ones_like(zeros) if label_weights is None else label_weights
@@ -363,6 +369,9 @@ def _integer_rows_jvp(primals, tangents):
     d_lse, d_nll, d_smooth, d_weight = zeros, zeros, zeros, zeros
     if not _is_zero(dz):
         probs = jnp.exp(z - _lse_or_zero(rows.lse)[..., None])
+        if kept is not None:
+            # Double where: an ignored row's +inf or NaN logit must not reach its zero gradient.
+            probs = jnp.where(kept[..., None], probs, 0)
         a, b, c = _loss_coefficients(rows, options, scale)
         coefficient = a[..., None] * probs
         if b is not None:
@@ -370,16 +379,30 @@ def _integer_rows_jvp(primals, tangents):
             coefficient = coefficient - b[..., None] * available_weights
             d_smooth = jnp.sum((rows.smooth_weight[..., None] * probs - available_weights) * dz, -1)
         d_lse = jnp.sum(probs * dz, axis=-1)
-        if dz.dtype == z.dtype:
+        if dz.dtype == z.dtype and z.dtype != jnp.float64:
             # Transposed by jax.grad, the gather becomes a scatter into the gradient in place:
             # cheaper than an iota comparison in the elementwise pass.
             picked = jnp.take_along_axis(dz, labels[..., None], axis=-1)[..., 0]
             d_loss = d_loss + jnp.sum(coefficient * dz, axis=-1) - c * picked
         else:
-            # A half-precision gradient subtracts the label term before rounding, in one pass.
             iota = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)
             is_label = iota == labels[..., None]
-            coefficient = jnp.where(is_label, coefficient - c[..., None], coefficient)
+            if z.dtype == jnp.float64:
+                # The label's entry as a (p_y - 1) + (a - c) with p_y - 1 = -sum_{c != y} p_c:
+                # summed without the label's own term, p_y - 1 near p_y = 1 is not rounded at
+                # 1 (an empty row has p_y = 0).
+                others = jnp.sum(jnp.where(is_label, 0, probs), axis=-1)
+                p_y_minus_1 = jnp.where(rows.lse == -jnp.inf, -1, -others)
+                label_term = a * p_y_minus_1 + (a - c)
+                if b is not None:
+                    label_term = label_term - b * jnp.sum(
+                        jnp.where(is_label, available_weights, 0), axis=-1
+                    )
+                coefficient = jnp.where(is_label, label_term[..., None], coefficient)
+            else:
+                # A half-precision gradient subtracts the label term before rounding, in one
+                # pass.
+                coefficient = jnp.where(is_label, coefficient - c[..., None], coefficient)
             d_loss = d_loss + jnp.sum(coefficient * dz, axis=-1)
             picked = jnp.sum(jnp.where(is_label, dz, 0).astype(z.dtype), axis=-1)
         d_nll = d_lse - picked
@@ -491,39 +514,74 @@ def _dense_rows_jvp(primals, tangents):
 _dense_rows.defjvp(_dense_rows_jvp, symbolic_zeros=True)
 
 
-def _options(z: jax.Array, label_smoothing, z_loss) -> _Options:
-    dtype = v.compute_dtype(z.dtype)
-    on = smoothing_is_on  # True for a traced value, else whether it is nonzero
-    return _Options(
-        jnp.asarray(label_smoothing, dtype) if on(label_smoothing) else None,
-        jnp.asarray(z_loss, dtype) if on(z_loss) else None,
-    )
+def _row_options(options: SoftmaxOptions) -> _Options:
+    return _Options(options.label_smoothing, options.z_loss)
 
 
-def _prepare(logits, axis, where, logit_softcap) -> tuple[jax.Array, jax.Array | None, int]:
-    """(logits with the class axis last, example mask, class axis of the caller's layout).
+def _prepare(logits: jax.Array, axis: int, where, logit_softcap):
+    """(logits with the class axis last, example mask, class mask in that layout or None).
 
     Without a mask, a soft cap or a transpose the caller's array is returned as it is, even in
     half precision: the statistics upcast it inside their fused passes, which saves writing and
     re-reading a float32 copy.
     """
-    raw = v.as_float_array("logits", logits)
-    if where is None and logit_softcap is None and raw.ndim:
-        if v.normalize_axis(axis, raw.ndim) == raw.ndim - 1:
-            return raw, None, raw.ndim - 1
+    if where is None and logit_softcap is None and axis == logits.ndim - 1:
+        return logits, None, None
     prepared = prepare_logits(logits, axis=axis, where=where, logit_softcap=logit_softcap)
-    return prepared.logits, prepared.example_mask, prepared.axis
+    return prepared.logits, prepared.example_mask, prepared.class_mask
 
 
 def _validity(example_mask: jax.Array | None, row_valid: jax.Array) -> jax.Array:
     return row_valid if example_mask is None else example_mask & row_valid
 
 
+def dense_loss(
+    logits: jax.Array, targets: jax.Array, *, axis: int, where, options: SoftmaxOptions
+) -> jax.Array:
+    """The dense-label loss on checked inputs (``axis`` an int; ``options`` validated)."""
+    z, example_mask, class_mask = _prepare(logits, axis, where, options.logit_softcap)
+    if axis != targets.ndim - 1:
+        targets = jnp.moveaxis(targets, axis, -1)
+    if class_mask is not None:
+        # A masked class leaves the softmax and the target sum alike (optax's convention).
+        targets = jnp.where(class_mask, targets, 0)
+    weights = options.class_weights
+    if weights is not None:
+        targets = targets.astype(weights.dtype) * weights
+
+    rows = _dense_rows(z, targets, weights, _row_options(options))
+    valid = _validity(example_mask, rows.lse != -jnp.inf)
+    loss = jnp.where(valid, rows.loss, 0)
+    return reduce_loss(loss, options.reduction, denominator_weights=valid)
+
+
+def integer_loss(
+    logits: jax.Array, labels: ArrayLike, *, axis: int, where, options: SoftmaxOptions
+) -> jax.Array:
+    """The integer-label loss on one device, on checked inputs."""
+    z, example_mask, _ = _prepare(logits, axis, where, options.logit_softcap)
+    num_classes = z.shape[-1]
+    weights = options.class_weights
+    labels = prepare_integer_labels(
+        labels, batch_shape=z.shape[:-1], num_classes=num_classes, ignore_index=options.ignore_index
+    )
+    safe_labels = labels.safe
+    label_weights = None if weights is None else weights[safe_labels]
+
+    rows = _integer_rows(z, safe_labels, label_weights, weights, labels.kept, _row_options(options))
+    valid = combine_masks(example_mask, rows.lse != -jnp.inf, labels.kept)
+    # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
+    loss = jnp.where(labels.invalid, jnp.nan, rows.loss)
+    loss = jnp.where(valid, loss, 0)
+    denominator = valid if label_weights is None else jnp.where(valid, label_weights, 0)
+    return reduce_loss(loss, options.reduction, denominator_weights=denominator)
+
+
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     label_smoothing: float = 0.0,
     class_weights: ArrayLike | None = None,
@@ -570,32 +628,30 @@ def softmax_cross_entropy(
       >>> xent_jax.softmax_cross_entropy(logits, labels)
       Array([0.41703], dtype=float32)
     """
-    z, example_mask, class_axis = _prepare(logits, axis, where, logit_softcap)
-    compute_dtype = v.compute_dtype(z.dtype)
+    logits = v.as_logits(logits)
     targets = v.as_float_array("labels", labels)
-    v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
-    v.check_label_smoothing(label_smoothing)
-    v.check_nonnegative("z_loss", z_loss)
-    if class_axis != targets.ndim - 1:
-        targets = jnp.moveaxis(targets, class_axis, -1)
-    weights = v.check_class_weights(class_weights, z.shape[-1])
-    if weights is not None:
-        weights = weights.astype(compute_dtype)
-        targets = targets.astype(compute_dtype) * weights
-
-    rows = _dense_rows(z, targets, weights, _options(z, label_smoothing, z_loss))
-    row_valid = rows.lse != -jnp.inf
-    loss = rows.loss
-    valid = _validity(example_mask, row_valid)
-    loss = jnp.where(valid, loss, 0)
-    return reduce_loss(loss, reduction, denominator_weights=valid)
+    v.check_same_shape("logits", logits, "labels", targets)
+    axis = v.normalize_class_axes(axis, logits.ndim)
+    if isinstance(axis, tuple):
+        logits, where, targets = collapse_class_axes(logits, axis, where, targets)
+        axis = logits.ndim - 1
+    options = softmax_options(
+        num_classes=logits.shape[axis],
+        dtype=v.compute_dtype(logits.dtype),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+    )
+    return dense_loss(logits, targets, axis=axis, where=where, options=options)
 
 
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
@@ -647,43 +703,24 @@ def softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
       Array(0.41703, dtype=float32)
     """
-    if _sharded.is_explicitly_sharded(logits):
+    logits = v.as_logits(logits)
+    labels = v.as_integer_labels(labels)
+    axis = v.normalize_class_axes(axis, logits.ndim)
+    if isinstance(axis, tuple):
+        logits, where, _ = collapse_class_axes(logits, axis, where)
+        axis = logits.ndim - 1
+    options = softmax_options(
+        num_classes=logits.shape[axis],
+        dtype=v.compute_dtype(logits.dtype),
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+    )
+    if _mesh.is_explicitly_sharded(logits):
         # Logits laid out over an explicit mesh: each device reduces its own block (shard_map),
         # so nothing of the logits' size is ever gathered.
-        return _sharded.vocab_parallel_softmax_cross_entropy_with_integer_labels(
-            logits,
-            labels,
-            axis=axis,
-            where=where,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            class_weights=class_weights,
-            z_loss=z_loss,
-            logit_softcap=logit_softcap,
-            reduction=reduction,
-        )
-    z, example_mask, _ = _prepare(logits, axis, where, logit_softcap)
-    v.check_label_smoothing(label_smoothing)
-    v.check_nonnegative("z_loss", z_loss)
-    num_classes = z.shape[-1]
-    weights = v.check_class_weights(class_weights, num_classes)
-    labels = prepare_integer_labels(
-        labels, batch_shape=z.shape[:-1], num_classes=num_classes, ignore_index=ignore_index
-    )
-    safe_labels = labels.safe
-    if weights is not None:
-        weights = weights.astype(v.compute_dtype(z.dtype))
-    label_weights = None if weights is None else weights[safe_labels]
-
-    rows = _integer_rows(
-        z, safe_labels, label_weights, weights, _options(z, label_smoothing, z_loss)
-    )
-    row_valid = rows.lse != -jnp.inf
-    loss = rows.loss
-
-    valid = combine_masks(example_mask, row_valid, labels.kept)
-    # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
-    loss = jnp.where(labels.invalid, jnp.nan, loss)
-    loss = jnp.where(valid, loss, 0)
-    denominator = valid if label_weights is None else jnp.where(valid, label_weights, 0)
-    return reduce_loss(loss, reduction, denominator_weights=denominator)
+        return vocab_parallel_integer_loss(logits, labels, axis=axis, where=where, options=options)
+    return integer_loss(logits, labels, axis=axis, where=where, options=options)

@@ -45,9 +45,32 @@ def check_positive(name: str, value: float) -> None:
 
 
 def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
+    """``axis`` as a non-negative int; a float, bool or out-of-range axis raises."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an integer, got {axis!r} ({type(axis).__name__}).")
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis={axis} is out of range for {name} of rank {ndim}.")
-    return axis % ndim
+    return int(axis) % ndim
+
+
+def normalize_class_axes(axis, ndim: int, name: str = "logits") -> int | tuple[int, ...]:
+    """An int axis, or a tuple of distinct axes (the classes span them jointly, as in optax)."""
+    if isinstance(axis, tuple | list):
+        if not axis:
+            raise ValueError("axis must name at least one axis, got an empty tuple.")
+        axes = tuple(normalize_axis(a, ndim, name) for a in axis)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"axis={tuple(axis)} names the same axis of {name} twice.")
+        return axes[0] if len(axes) == 1 else axes
+    return normalize_axis(axis, ndim, name)
+
+
+def as_logits(value: ArrayLike, name: str = "logits") -> jax.Array:
+    """A floating array with at least one dimension (the class axis)."""
+    array = as_float_array(name, value)
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar.")
+    return array
 
 
 def as_float_array(name: str, value: ArrayLike) -> jax.Array:
@@ -61,6 +84,21 @@ def as_float_array(name: str, value: ArrayLike) -> jax.Array:
 
 
 def as_integer_labels(value: ArrayLike) -> jax.Array:
+    """Integer labels as a ``jax.Array``.
+
+    Host labels (NumPy, lists, torch tensors) wider than JAX's integers (int64 without x64)
+    are saturated into the int32 range before conversion: a label beyond it stays out of range
+    (NaN, or a hard error with ``validate_integer_labels``) instead of wrapping onto a class.
+    """
+    if not isinstance(value, jax.Array):
+        host = np.asarray(value)
+        if host.dtype.kind in "iu" and host.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+            info = np.iinfo(np.int32)
+            if host.dtype.kind == "u":
+                host = np.minimum(host, info.max).astype(np.int32)
+            else:
+                host = np.clip(host, info.min, info.max).astype(np.int32)
+        value = host
     array = jnp.asarray(value)
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise TypeError(

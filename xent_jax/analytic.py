@@ -17,7 +17,8 @@ from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
 from xent_jax._labels import comparable_labels, prepare_integer_labels
-from xent_jax._logits import smoothing_is_on, split_where
+from xent_jax._logits import split_where
+from xent_jax._options import SoftmaxOptions, softmax_options
 
 __all__ = [
     "sigmoid_binary_cross_entropy_grad",
@@ -27,31 +28,34 @@ __all__ = [
 ]
 
 
-def _softmax_setup(
-    logits, axis, where, logit_softcap, label_smoothing=0.0, class_weights=None, z_loss=0.0
-):
+def _softmax_setup(logits, axis, where, **options):
     """Checks the inputs as the losses do; returns (capped logits z [..., K] with masked classes
-    at -inf, dz_capped/dz_raw, example mask or None, normalised axis, class weights or None)."""
-    raw = v.as_float_array("logits", logits)
-    if raw.ndim == 0:
-        raise ValueError("logits must have at least one dimension (the class axis), got a scalar.")
+    at -inf, dz_capped/dz_raw, example mask or None, class mask or None (class axis last),
+    normalised axis, :class:`SoftmaxOptions`)."""
+    raw = v.as_logits(logits)
     axis = v.normalize_axis(axis, raw.ndim)
     class_mask, example_mask = split_where(where, raw.shape, axis)
-    v.check_label_smoothing(label_smoothing)
-    v.check_nonnegative("z_loss", z_loss)
-    weights = v.check_class_weights(class_weights, raw.shape[axis])
-    x = jnp.moveaxis(raw.astype(v.compute_dtype(raw.dtype)), axis, -1)
+    dtype = v.compute_dtype(raw.dtype)
+    opts = softmax_options(num_classes=raw.shape[axis], dtype=dtype, **options)
+    x = jnp.moveaxis(raw.astype(dtype), axis, -1)
     if class_mask is not None:
+        class_mask = jnp.moveaxis(class_mask, axis, -1)
         # Before the cap: a masked NaN then never reaches the tanh or its derivative.
-        x = jnp.where(jnp.moveaxis(class_mask, axis, -1), x, -jnp.inf)
-    if logit_softcap is None:
+        x = jnp.where(class_mask, x, -jnp.inf)
+    cap = opts.logit_softcap
+    if cap is None:
         z, dcap = x, jnp.ones_like(x)
     else:
-        v.check_positive("logit_softcap", logit_softcap)
-        t = jnp.tanh(x / logit_softcap)
-        z = jnp.where(x == -jnp.inf, x, logit_softcap * t)
+        t = jnp.tanh(x / cap)
+        z = jnp.where(x == -jnp.inf, x, cap * t)
         dcap = jnp.where(x == -jnp.inf, 0.0, 1 - t * t)
-    return z, dcap, example_mask, axis, weights
+    return z, dcap, example_mask, class_mask, axis, opts
+
+
+def _scalars(opts: SoftmaxOptions):
+    """(label smoothing, z-loss) as numbers or arrays, 0 when off."""
+    eps = 0.0 if opts.label_smoothing is None else opts.label_smoothing
+    return eps, 0.0 if opts.z_loss is None else opts.z_loss
 
 
 def _softmax_parts(z):
@@ -70,7 +74,9 @@ def _finish(grad_z, dcap, valid, denominator, reduction, axis):
     v.check_reduction(reduction)
     grad = jnp.where(valid[..., None], grad_z * dcap, 0.0)
     if reduction == "mean":
-        grad = jnp.where(denominator > 0, grad / jnp.where(denominator > 0, denominator, 1), 0.0)
+        # A mean over nothing (denominator exactly 0) is 0; any other denominator divides.
+        nonzero = denominator != 0
+        grad = jnp.where(nonzero, grad / jnp.where(nonzero, denominator, 1), 0.0)
     return jnp.moveaxis(grad, -1, axis)
 
 
@@ -117,12 +123,23 @@ def softmax_cross_entropy_grad(
     """
     targets = v.as_float_array("labels", labels)
     v.check_same_shape("logits", jnp.asarray(logits), "labels", targets)
-    z, dcap, example_mask, axis, w = _softmax_setup(
-        logits, axis, where, logit_softcap, label_smoothing, class_weights, z_loss
+    z, dcap, example_mask, class_mask, axis, opts = _softmax_setup(
+        logits,
+        axis,
+        where,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
     )
+    label_smoothing, z_loss = _scalars(opts)
+    w = opts.class_weights
     p, lse, available, row_valid = _softmax_parts(z)
     t = jnp.moveaxis(targets.astype(z.dtype), axis, -1)
-    if smoothing_is_on(label_smoothing):
+    if class_mask is not None:
+        t = jnp.where(class_mask, t, 0.0)  # masked classes carry no target (as in the loss)
+    if opts.smoothing:
         k = jnp.sum(available, axis=-1, keepdims=True)
         t = (1 - label_smoothing) * t + label_smoothing * jnp.where(available, 1.0 / k, 0.0)
     w = jnp.ones(z.shape[-1], z.dtype) if w is None else w
@@ -177,14 +194,24 @@ def softmax_cross_entropy_with_integer_labels_grad(
       ...     jnp.array([[0.0, 0.0]]), jnp.array([1]))
       Array([[ 0.5, -0.5]], dtype=float32)
     """
-    z, dcap, example_mask, axis, w = _softmax_setup(
-        logits, axis, where, logit_softcap, label_smoothing, class_weights, z_loss
+    z, dcap, example_mask, _, axis, opts = _softmax_setup(
+        logits,
+        axis,
+        where,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
     )
+    label_smoothing, z_loss = _scalars(opts)
+    ignore_index, w = opts.ignore_index, opts.class_weights
     k = z.shape[-1]
     # The losses' checks of the labels (integer dtype, the batch shape); the rest is redone here.
     prepare_integer_labels(labels, batch_shape=z.shape[:-1], num_classes=k, ignore_index=None)
     p, lse, available, row_valid = _softmax_parts(z)
-    labels = comparable_labels(jnp.asarray(labels))  # no wrap: uint8 with 256 classes, say
+    labels = comparable_labels(v.as_integer_labels(labels))  # no wrap: uint8, 256 classes
     onehot = labels[..., None] == jnp.arange(k)
     w = jnp.ones(k, z.dtype) if w is None else w.astype(z.dtype)
     w_y = jnp.sum(jnp.where(onehot, w, 0.0), axis=-1)
@@ -284,7 +311,7 @@ def softmax_cross_entropy_hessian(logits: ArrayLike, *, axis: int = -1) -> jax.A
       Array([[ 0.25, -0.25],
              [-0.25,  0.25]], dtype=float32)
     """
-    z, _, _, _, _ = _softmax_setup(logits, axis, None, None)
+    z, *_ = _softmax_setup(logits, axis, None)
     p, _, _, _ = _softmax_parts(z)
     return jnp.einsum("...i,ij->...ij", p, jnp.eye(p.shape[-1], dtype=p.dtype)) - (
         p[..., :, None] * p[..., None, :]

@@ -40,12 +40,26 @@ Modules:
 * :mod:`~xent_jax._fused._passes`: the loops over blocks and tiles (stats, grad and strip passes).
 * :mod:`~xent_jax._fused._local`: per-device entry points (inside ``shard_map`` on a mesh).
 * :mod:`~xent_jax._fused._custom_vjp`: ``shard_map`` wrapping and the custom VJPs.
-* :mod:`~xent_jax._fused._api`: the public function and its argument checks.
+* :mod:`~xent_jax._fused._api`: the public fused function and its block plan.
+* :mod:`~xent_jax._fused._vocab_parallel`: the same tile arithmetic on logits that are already
+  materialised and split along the classes over a mesh (one tile per device).
+
+Options are parsed once, by :func:`xent_jax._options.softmax_options`, at the public boundary;
+the mesh layout comes from :mod:`xent_jax._mesh`.
 """
 
 from xent_jax._fused._api import (
     LinearCrossEntropyAux,
     linear_softmax_cross_entropy_with_integer_labels,
 )
+from xent_jax._fused._vocab_parallel import (
+    vocab_parallel_integer_loss,
+    vocab_parallel_softmax_cross_entropy_with_integer_labels,
+)
 
-__all__ = ["LinearCrossEntropyAux", "linear_softmax_cross_entropy_with_integer_labels"]
+__all__ = [
+    "LinearCrossEntropyAux",
+    "linear_softmax_cross_entropy_with_integer_labels",
+    "vocab_parallel_integer_loss",
+    "vocab_parallel_softmax_cross_entropy_with_integer_labels",
+]

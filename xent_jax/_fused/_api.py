@@ -13,9 +13,11 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
-from xent_jax._fused._blocks import _default_blocks, _Plan, _split
-from xent_jax._fused._custom_vjp import _reduced_loss, _rows_loss
-from xent_jax._fused._local import _Call, _NonDiffInputs, _safe_divide
+from xent_jax._fused._blocks import Plan, default_blocks, split_axis, split_where_blocked
+from xent_jax._fused._custom_vjp import reduced_loss, rows_loss
+from xent_jax._fused._local import Call, nondiff_inputs, safe_divide
+from xent_jax._mesh import local_sizes, resolve_layout
+from xent_jax._options import softmax_options
 from xent_jax._reduction import reduce_loss
 
 
@@ -33,16 +35,6 @@ class LinearCrossEntropyAux(NamedTuple):
     logsumexp: jax.Array
     argmax: jax.Array
     accuracy: jax.Array
-
-
-def _static_float(name: str, value) -> float:
-    """``value`` as a Python float; a traced value is refused (it picks code paths)."""
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{name} must be a Python number for the fused loss (it selects code paths at "
-            "trace time), got a traced value."
-        )
-    return float(value)
 
 
 def _check_precision(precision) -> jax.lax.Precision | None:
@@ -64,22 +56,6 @@ def _check_block(name: str, value: int | None) -> None:
     """Refuses a block size that is neither ``None`` nor a positive integer."""
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-
-
-def _split_where(where, batch_shape: tuple[int, ...], num_classes: int):
-    """(class mask as [1, V] or batch + [V], example mask of the batch shape, mask kind)."""
-    mask = v.as_mask("where", where)
-    if mask is None:
-        return None, None, None
-    logits_shape = (*batch_shape, num_classes)
-    if mask.ndim == len(logits_shape):
-        v.check_broadcastable("where", mask, logits_shape, "logits (x @ w)")
-        if all(s == 1 for s in mask.shape[:-1]):
-            shared = jnp.broadcast_to(mask.reshape(1, -1), (1, num_classes))
-            return shared, None, "shared"
-        return jnp.broadcast_to(mask, logits_shape), None, "rows"
-    v.check_broadcastable("where", mask, batch_shape, "the batch (x without its last axis)")
-    return None, jnp.broadcast_to(mask, batch_shape), None
 
 
 def linear_softmax_cross_entropy_with_integer_labels(
@@ -182,8 +158,6 @@ def linear_softmax_cross_entropy_with_integer_labels(
       ...     x, w, labels, reduction="mean").shape
       (2, 3)
     """
-    from xent_jax import _sharded
-
     x = v.as_float_array("x", x)
     w = v.as_float_array("w", w)
     if x.ndim < 1:
@@ -193,18 +167,21 @@ def linear_softmax_cross_entropy_with_integer_labels(
             f"w must have shape [D, V] with D = x.shape[-1] = {x.shape[-1]}, got w.shape="
             f"{w.shape} (x.shape={x.shape})."
         )
-    v.check_reduction(reduction)
-    eps = _static_float("label_smoothing", label_smoothing)
-    v.check_label_smoothing(eps)
-    zl = _static_float("z_loss", z_loss)
-    v.check_nonnegative("z_loss", zl)
-    cap = None if logit_softcap is None else _static_float("logit_softcap", logit_softcap)
-    if cap is not None:
-        v.check_positive("logit_softcap", cap)
+    batch_shape, num_classes = x.shape[:-1], w.shape[1]
+    cdtype = v.compute_dtype(x.dtype, w.dtype)
+    options = softmax_options(
+        num_classes=num_classes,
+        dtype=cdtype,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+    )
     precision = _check_precision(precision)
     _check_block("block_size_tokens", block_size_tokens)
     _check_block("block_size_vocab", block_size_vocab)
-    batch_shape, num_classes = x.shape[:-1], w.shape[1]
     labels = v.as_integer_labels(labels)
     if labels.shape != batch_shape:
         raise ValueError(
@@ -215,37 +192,33 @@ def linear_softmax_cross_entropy_with_integer_labels(
         bias = v.as_float_array("bias", bias)
         if bias.shape != (num_classes,):
             raise ValueError(f"bias must have shape ({num_classes},), got {bias.shape}.")
-    weights = v.check_class_weights(class_weights, num_classes)
-    class_mask, example_mask, cmask_kind = _split_where(where, batch_shape, num_classes)
-    cdtype = v.compute_dtype(x.dtype, w.dtype)
+    class_mask, example_mask, cmask_kind = split_where_blocked(where, batch_shape, num_classes)
 
     n_total = math.prod(batch_shape)
-    if n_total == 0 or num_classes == 0:
+    if n_total == 0:
         return _empty_result(batch_shape, reduction, cdtype, return_aux, labels)
 
-    layout = _sharded.resolve_layout(
-        x, w, 1, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis
-    )
-    _, n_local, v_local = _local_sizes(layout, batch_shape, num_classes)
+    layout = resolve_layout(x, w, 1, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis)
+    _, n_local, v_local = local_sizes(layout, batch_shape, num_classes)
     # Block sizes are global: on a mesh each device holds its share of a block.
-    bn_max, bv_max = _default_blocks(n_total, num_classes, reduction)
+    bn_max, bv_max = default_blocks(n_total, num_classes, reduction)
     bn_max = max(1, (block_size_tokens or bn_max) * n_local // n_total)
     bv_max = max(1, (block_size_vocab or bv_max) * v_local // num_classes)
     factor = layout.auto_factor if layout.mesh is None else 1
-    pn, kn, bc = _split(n_local, bn_max, factor)
-    pv, kv, tc = _split(v_local, bv_max, factor)
+    pn, kn, bc = split_axis(n_local, bn_max, factor)
+    pv, kv, tc = split_axis(v_local, bv_max, factor)
     padded_classes = kv * tc != v_local // pv
     if cmask_kind is None and padded_classes:
         cmask_kind = "shared"
-    plan = _Plan(
-        eps=eps,
-        z_loss=zl,
-        softcap=cap,
+    plan = Plan(
+        smoothing=options.smoothing,
+        has_z_loss=options.z_loss is not None,
+        softcap=options.logit_softcap,
         has_bias=bias is not None,
-        has_cw=weights is not None,
+        has_cw=options.class_weights is not None,
         cmask=cmask_kind,
         has_example_mask=example_mask is not None,
-        ignore_index=None if ignore_index is None else int(ignore_index),
+        ignore_index=options.ignore_index,
         aux=bool(return_aux),
         cdtype=np.dtype(cdtype),
         n=n_local,
@@ -261,7 +234,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
         data_axes=layout.data_axes or None,
         precision=precision,
     )
-    call = _Call(
+    call = Call(
         plan=plan,
         reduction=reduction,
         mesh=layout.mesh,
@@ -269,11 +242,11 @@ def linear_softmax_cross_entropy_with_integer_labels(
         data_axes=layout.data_axes,
         vocab_axes=layout.vocab_axes,
     )
-    nondiff = _NonDiffInputs(labels, example_mask, weights, class_mask)
+    nondiff = nondiff_inputs(labels, example_mask, class_mask, options)
     if reduction != "none" and kv == 1:
-        loss, lse, arg, valid = _reduced_loss(call, x, w, bias, nondiff)
+        loss, lse, arg, valid = reduced_loss(call, x, w, bias, nondiff)
     else:
-        loss, lse, arg, valid, denw = _rows_loss(call, x, w, bias, nondiff)
+        loss, lse, arg, valid, denw = rows_loss(call, x, w, bias, nondiff)
         loss = reduce_loss(loss, reduction, denominator_weights=denw)
     if not return_aux:
         return loss
@@ -285,7 +258,7 @@ def _make_aux(lse, arg, valid, labels, cdtype) -> LinearCrossEntropyAux:
     lse, arg, valid = (lax.stop_gradient(t) for t in (lse, arg, valid))
     correct = jnp.sum((arg == labels) & valid, dtype=cdtype)
     count = jnp.sum(valid, dtype=cdtype)
-    accuracy = _safe_divide(correct, count)
+    accuracy = safe_divide(correct, count)
     return LinearCrossEntropyAux(lse.astype(cdtype), arg.astype(jnp.int32), accuracy)
 
 
@@ -300,27 +273,3 @@ def _empty_result(batch_shape, reduction, cdtype, return_aux, labels):
         jnp.zeros(batch_shape, cdtype), jnp.zeros(batch_shape, jnp.int32), jnp.zeros((), cdtype)
     )
     return loss, aux
-
-
-def _local_sizes(layout, batch_shape: tuple[int, ...], num_classes: int):
-    """(local batch shape, local tokens, local classes) of one device under ``layout``."""
-    from xent_jax._sharded import axes_of, axes_size
-
-    if layout.mesh is None:
-        return batch_shape, math.prod(batch_shape), num_classes
-    local = []
-    for dim, entry in zip(batch_shape, layout.batch_spec, strict=True):
-        size = axes_size(layout.mesh, axes_of(entry))
-        if dim % size:
-            raise ValueError(
-                f"a batch dimension of size {dim} is split over mesh axes {axes_of(entry)} of "
-                f"size {size}, which does not divide it."
-            )
-        local.append(dim // size)
-    vsize = axes_size(layout.mesh, layout.vocab_axes)
-    if num_classes % vsize:
-        raise ValueError(
-            f"V={num_classes} classes are split over mesh axes {layout.vocab_axes} of size "
-            f"{vsize}, which does not divide it."
-        )
-    return tuple(local), math.prod(local), num_classes // vsize

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xent_jax import _validation as v
+
 # Default block sizes: a [tokens, classes] block of at most _BLOCK_ELEMENTS float32 values
 # (16 MiB), tokens first (large token blocks keep the dW matmul, which contracts over tokens,
 # efficient), vocabulary tiles of at least _MIN_VOCAB_TILE classes.
@@ -27,11 +29,11 @@ _STRIP_MIN_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Everything static about one call: options, layout and block sizes (local to a device)."""
 
-    eps: float
-    z_loss: float
+    smoothing: bool  # label smoothing on (its value is an input: it may be traced)
+    has_z_loss: bool  # z-loss on (likewise)
     softcap: float | None
     has_bias: bool
     has_cw: bool
@@ -84,7 +86,7 @@ class _Plan:
         return self.kv * self.tc != self.v_chunk
 
 
-def _split(length: int, max_block: int, layout: int) -> tuple[int, int, int]:
+def split_axis(length: int, max_block: int, layout: int) -> tuple[int, int, int]:
     """Splits ``length = layout * chunk`` into ``k`` blocks of ``layout * c`` (``k * c >= chunk``).
 
     Returns ``(layout, k, c)``; prefers a ``k`` that divides the chunk exactly (no padding).
@@ -102,7 +104,7 @@ def _split(length: int, max_block: int, layout: int) -> tuple[int, int, int]:
     return layout, k0, -(-chunk // k0)
 
 
-def _default_blocks(n: int, v: int, reduction: str) -> tuple[int, int]:
+def default_blocks(n: int, v: int, reduction: str) -> tuple[int, int]:
     """Default (block_size_tokens, block_size_vocab)."""
     if reduction != "none" and v * _STRIP_MIN_TOKENS <= _BLOCK_ELEMENTS:
         # Strip: whole vocabulary per block, as many tokens as fit.
@@ -117,7 +119,7 @@ def _default_blocks(n: int, v: int, reduction: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _rows_to_blocks(plan: _Plan, rows: jax.Array, fill) -> jax.Array:
+def rows_to_blocks(plan: Plan, rows: jax.Array, fill) -> jax.Array:
     """``[n, ...]`` -> ``[kn, bn, ...]`` (padded with ``fill``)."""
     rest = rows.shape[1:]
     rows = rows.reshape(plan.pn, plan.n_chunk, *rest)
@@ -128,8 +130,8 @@ def _rows_to_blocks(plan: _Plan, rows: jax.Array, fill) -> jax.Array:
     return jnp.swapaxes(rows, 0, 1).reshape(plan.kn, plan.bn, *rest)
 
 
-def _blocks_to_rows(plan: _Plan, blocks: jax.Array) -> jax.Array:
-    """Inverse of :func:`_rows_to_blocks`."""
+def blocks_to_rows(plan: Plan, blocks: jax.Array) -> jax.Array:
+    """Inverse of :func:`rows_to_blocks`."""
     rest = blocks.shape[2:]
     rows = jnp.swapaxes(blocks.reshape(plan.kn, plan.pn, plan.bc, *rest), 0, 1)
     rows = rows.reshape(plan.pn, plan.kn * plan.bc, *rest)
@@ -138,7 +140,7 @@ def _blocks_to_rows(plan: _Plan, blocks: jax.Array) -> jax.Array:
     return rows.reshape(plan.n, *rest)
 
 
-def _cols_to_tiles(plan: _Plan, cols: jax.Array, fill) -> jax.Array:
+def cols_to_tiles(plan: Plan, cols: jax.Array, fill) -> jax.Array:
     """``[..., v]`` -> ``[kv, ..., bv]`` (padded with ``fill``)."""
     lead = cols.shape[:-1]
     cols = cols.reshape(*lead, plan.pv, plan.v_chunk)
@@ -155,7 +157,7 @@ def _cols_to_tiles(plan: _Plan, cols: jax.Array, fill) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _x_view(plan: _Plan, x: jax.Array) -> jax.Array:
+def x_view(plan: Plan, x: jax.Array) -> jax.Array:
     """``[n, D]`` -> ``[pn, kn, bc, D]`` (padded with zeros); block ``i`` is ``[:, i]``."""
     d = x.shape[-1]
     x = x.reshape(plan.pn, plan.n_chunk, d)
@@ -164,8 +166,8 @@ def _x_view(plan: _Plan, x: jax.Array) -> jax.Array:
     return x.reshape(plan.pn, plan.kn, plan.bc, d)
 
 
-def _x_unview(plan: _Plan, x4: jax.Array) -> jax.Array:
-    """Inverse of :func:`_x_view`: ``[pn, kn, bc, D]`` -> ``[n, D]`` (padding dropped)."""
+def x_unview(plan: Plan, x4: jax.Array) -> jax.Array:
+    """Inverse of :func:`x_view`: ``[pn, kn, bc, D]`` -> ``[n, D]`` (padding dropped)."""
     d = x4.shape[-1]
     x = x4.reshape(plan.pn, plan.kn * plan.bc, d)
     if plan.padded_rows:
@@ -173,23 +175,23 @@ def _x_unview(plan: _Plan, x4: jax.Array) -> jax.Array:
     return x.reshape(plan.n, d)
 
 
-def _x_block(plan: _Plan, x4: jax.Array, i) -> jax.Array:
+def x_block(plan: Plan, x4: jax.Array, i) -> jax.Array:
     """``[bn, D]``: token block ``i`` of the viewed inputs."""
     return _pick(x4, i, 1, plan.kn == 1, (plan.bn, x4.shape[-1]))
 
 
-def _xt_view(x4: jax.Array) -> jax.Array:
+def xt_view(x4: jax.Array) -> jax.Array:
     """``[pn, kn, bc, D]`` -> ``[D, pn, kn, bc]``, transposed once outside the loops so that the
     weight-gradient product of every block is a plain (non-transposed) matrix product."""
     return jnp.transpose(x4, (3, 0, 1, 2))
 
 
-def _xt_block(plan: _Plan, xt4: jax.Array, i) -> jax.Array:
+def xt_block(plan: Plan, xt4: jax.Array, i) -> jax.Array:
     """``[D, bn]``: block ``i`` of the transposed inputs."""
     return _pick(xt4, i, 2, plan.kn == 1, (xt4.shape[0], plan.bn))
 
 
-def _w_view(plan: _Plan, w: jax.Array) -> jax.Array:
+def w_view(plan: Plan, w: jax.Array) -> jax.Array:
     """``[D, v]`` -> ``[D, pv, kv, tc]`` (padded with zeros); tile ``j`` is ``[:, :, j]``."""
     d = w.shape[0]
     w = w.reshape(d, plan.pv, plan.v_chunk)
@@ -198,8 +200,8 @@ def _w_view(plan: _Plan, w: jax.Array) -> jax.Array:
     return w.reshape(d, plan.pv, plan.kv, plan.tc)
 
 
-def _w_unview(plan: _Plan, w4: jax.Array) -> jax.Array:
-    """Inverse of :func:`_w_view`: ``[D, pv, kv, tc]`` -> ``[D, v]`` (padding dropped)."""
+def w_unview(plan: Plan, w4: jax.Array) -> jax.Array:
+    """Inverse of :func:`w_view`: ``[D, pv, kv, tc]`` -> ``[D, v]`` (padding dropped)."""
     d = w4.shape[0]
     w = w4.reshape(d, plan.pv, plan.kv * plan.tc)
     if plan.padded_classes:
@@ -207,12 +209,12 @@ def _w_unview(plan: _Plan, w4: jax.Array) -> jax.Array:
     return w.reshape(d, plan.v)
 
 
-def _w_tile(plan: _Plan, w4: jax.Array, j) -> jax.Array:
+def w_tile(plan: Plan, w4: jax.Array, j) -> jax.Array:
     """``[D, bv]``: vocabulary tile ``j`` of the viewed weights."""
     return _pick(w4, j, 2, plan.kv == 1, (w4.shape[0], plan.bv))
 
 
-def _bias_unview(plan: _Plan, bias3: jax.Array) -> jax.Array:
+def bias_unview(plan: Plan, bias3: jax.Array) -> jax.Array:
     """``[pv, kv, tc]`` (the bias gradient's tile layout) -> ``[v]`` (padding dropped)."""
     bias = bias3.reshape(plan.pv, plan.kv * plan.tc)
     if plan.padded_classes:
@@ -234,7 +236,7 @@ def _pick(view: jax.Array, index, axis: int, static_single: bool, shape) -> jax.
     return entry.reshape(shape)
 
 
-def _index(array: jax.Array | None, i, static_single: bool):
+def take_block(array: jax.Array | None, i, static_single: bool):
     """Entry ``i`` of the leading axis (``None`` stays ``None``); ``array[0]`` when static."""
     if array is None:
         return None
@@ -243,15 +245,31 @@ def _index(array: jax.Array | None, i, static_single: bool):
     return lax.dynamic_index_in_dim(array, i, axis=0, keepdims=False)
 
 
-def _update(array: jax.Array, value: jax.Array, i, static_single: bool) -> jax.Array:
+def put_block(array: jax.Array, value: jax.Array, i, static_single: bool) -> jax.Array:
     """``array`` with entry ``i`` of its leading axis set to ``value``."""
     if static_single:
         return value[None]
     return lax.dynamic_update_index_in_dim(array, value, i, axis=0)
 
 
-def _loop(n: int, body, carry):
+def fori(n: int, body, carry):
     """``fori_loop`` that is a plain call when there is a single step (no while loop in HLO)."""
     if n == 1:
         return body(0, carry)
     return lax.fori_loop(0, n, body, carry)
+
+
+def split_where_blocked(where, batch_shape: tuple[int, ...], num_classes: int):
+    """(class mask as [1, V] or batch + [V], example mask of the batch shape, mask kind)."""
+    mask = v.as_mask("where", where)
+    if mask is None:
+        return None, None, None
+    logits_shape = (*batch_shape, num_classes)
+    if mask.ndim == len(logits_shape):
+        v.check_broadcastable("where", mask, logits_shape, "logits (x @ w)")
+        if all(s == 1 for s in mask.shape[:-1]):
+            shared = jnp.broadcast_to(mask.reshape(1, -1), (1, num_classes))
+            return shared, None, "shared"
+        return jnp.broadcast_to(mask, logits_shape), None, "rows"
+    v.check_broadcastable("where", mask, batch_shape, "the batch (x without its last axis)")
+    return None, jnp.broadcast_to(mask, batch_shape), None

@@ -2,9 +2,9 @@
 
 Two custom VJPs share the per-device entry points of :mod:`xent_jax._fused._local`:
 
-* ``_rows_loss`` (tiles schedule): the forward pass returns the per-token loss and saves the
+* ``rows_loss`` (tiles schedule): the forward pass returns the per-token loss and saves the
   per-token logsumexp and VJP coefficients; the backward pass recomputes every tile.
-* ``_reduced_loss`` (strip schedule, ``"sum"`` / ``"mean"``): the forward pass of the VJP
+* ``reduced_loss`` (strip schedule, ``"sum"`` / ``"mean"``): the forward pass of the VJP
   computes the loss and its gradients in one pass; the backward pass only scales them by the
   cotangent. Without differentiation only the loss is computed.
 
@@ -17,29 +17,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xent_jax._fused._local import (
-    _Call,
-    _local_backward,
-    _local_forward,
-    _local_reduced_fwd,
-    _local_reduced_primal,
-    _NonDiffInputs,
+    Call,
+    NonDiffInputs,
+    local_backward,
+    local_forward,
+    local_reduced_fwd,
+    local_reduced_primal,
 )
+from xent_jax._mesh import spec_entry
 
 
-def _spec_entry(axes: tuple[str, ...]):
-    """Mesh axes as one ``PartitionSpec`` entry (``None``, a name, or a tuple of names)."""
-    if not axes:
-        return None
-    return axes[0] if len(axes) == 1 else tuple(axes)
-
-
-def _partition_specs(call: _Call, nondiff: _NonDiffInputs) -> dict:
+def partition_specs(call: Call, nondiff: NonDiffInputs) -> dict:
     """``PartitionSpec`` of every kind of argument and result of the local entry points."""
-    from jax.sharding import PartitionSpec as P
-
-    vocab = _spec_entry(call.vocab_axes)
+    vocab = spec_entry(call.vocab_axes)
     batch = tuple(call.batch_spec)
     if nondiff.class_mask is None:
         class_mask_spec = None
@@ -47,11 +41,13 @@ def _partition_specs(call: _Call, nondiff: _NonDiffInputs) -> dict:
         class_mask_spec = P(None, vocab)
     else:
         class_mask_spec = P(*batch, vocab)
-    nondiff_specs = _NonDiffInputs(
+    nondiff_specs = NonDiffInputs(
         labels=P(*batch),
         example_mask=None if nondiff.example_mask is None else P(*batch),
         class_weights=None if nondiff.class_weights is None else P(vocab),
         class_mask=class_mask_spec,
+        label_smoothing=None if nondiff.label_smoothing is None else P(),
+        z_loss=None if nondiff.z_loss is None else P(),
     )
     return {
         "x": P(*batch, None),
@@ -83,7 +79,7 @@ def _reduced_specs(specs: dict) -> tuple:
     return (specs["scalar"], specs["rows"], specs["rows"], specs["rows"])
 
 
-def _mapped(call: _Call, local_fn, in_specs, out_specs):
+def shard_mapped(call: Call, local_fn, in_specs, out_specs):
     """``local_fn(call, ...)`` run on every device of ``call.mesh`` (a plain call without one)."""
     if call.mesh is None:
         return functools.partial(local_fn, call)
@@ -113,8 +109,6 @@ def _mapped(call: _Call, local_fn, in_specs, out_specs):
 
 def _reshard(mesh, array, spec):
     """``array`` with the sharding ``spec`` on ``mesh`` (unchanged if it already has it)."""
-    from jax.sharding import NamedSharding
-
     if array is None:
         return None
     array = jnp.asarray(array)
@@ -125,35 +119,35 @@ def _reshard(mesh, array, spec):
     return jax.reshard(array, NamedSharding(mesh, spec))
 
 
-def _forward_rows(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
-    """The 8 per-token outputs of :func:`_local_forward`, over the mesh."""
-    specs = _partition_specs(call, nondiff)
-    fn = _mapped(call, _local_forward, _operand_specs(specs, bias), (specs["rows"],) * 8)
+def _forward_rows(call: Call, x, w, bias, nondiff: NonDiffInputs):
+    """The 8 per-token outputs of :func:`local_forward`, over the mesh."""
+    specs = partition_specs(call, nondiff)
+    fn = shard_mapped(call, local_forward, _operand_specs(specs, bias), (specs["rows"],) * 8)
     return fn(x, w, bias, nondiff)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rows_loss(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+def rows_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Per-token (loss, lse, argmax, valid, denominator weights); tiles schedule."""
     return _forward_rows(call, x, w, bias, nondiff)[:5]
 
 
-def _rows_loss_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
-    """Forward pass of :func:`_rows_loss`: saves the logsumexp and the VJP coefficients."""
+def _rows_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
+    """Forward pass of :func:`rows_loss`: saves the logsumexp and the VJP coefficients."""
     out = _forward_rows(call, x, w, bias, nondiff)
     loss, lse, arg, valid, denw, prob_coef, label_coef, smooth_coef = out
     residuals = (x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef)
     return (loss, lse, arg, valid, denw), residuals
 
 
-def _rows_loss_bwd(call: _Call, residuals, cotangents):
-    """Backward pass of :func:`_rows_loss`: recomputes every tile (only the loss has a
+def _rows_loss_bwd(call: Call, residuals, cotangents):
+    """Backward pass of :func:`rows_loss`: recomputes every tile (only the loss has a
     cotangent that matters; the other outputs carry no gradient)."""
     x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef = residuals
-    specs = _partition_specs(call, nondiff)
-    fn = _mapped(
+    specs = partition_specs(call, nondiff)
+    fn = shard_mapped(
         call,
-        _local_backward,
+        local_backward,
         _operand_specs(specs, bias) + (specs["rows"],) * 5,
         _grad_specs(specs, bias),
     )
@@ -162,32 +156,34 @@ def _rows_loss_bwd(call: _Call, residuals, cotangents):
     return dx, dw, db, None
 
 
-_rows_loss.defvjp(_rows_loss_fwd, _rows_loss_bwd)
+rows_loss.defvjp(_rows_loss_fwd, _rows_loss_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _reduced_loss(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """(reduced loss, lse, argmax, valid); strip schedule, loss only when not differentiated."""
-    specs = _partition_specs(call, nondiff)
-    fn = _mapped(call, _local_reduced_primal, _operand_specs(specs, bias), _reduced_specs(specs))
+    specs = partition_specs(call, nondiff)
+    fn = shard_mapped(
+        call, local_reduced_primal, _operand_specs(specs, bias), _reduced_specs(specs)
+    )
     return fn(x, w, bias, nondiff)
 
 
-def _reduced_loss_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
-    """Forward pass of :func:`_reduced_loss`: the loss and its gradients in one pass."""
-    specs = _partition_specs(call, nondiff)
+def _reduced_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
+    """Forward pass of :func:`reduced_loss`: the loss and its gradients in one pass."""
+    specs = partition_specs(call, nondiff)
     out_specs = (_reduced_specs(specs), _grad_specs(specs, bias))
-    fn = _mapped(call, _local_reduced_fwd, _operand_specs(specs, bias), out_specs)
+    fn = shard_mapped(call, local_reduced_fwd, _operand_specs(specs, bias), out_specs)
     out, grads = fn(x, w, bias, nondiff)
     return out, grads
 
 
-def _reduced_loss_bwd(call: _Call, grads, cotangents):
-    """Backward pass of :func:`_reduced_loss`: the saved gradients times the cotangent."""
+def _reduced_loss_bwd(call: Call, grads, cotangents):
+    """Backward pass of :func:`reduced_loss`: the saved gradients times the cotangent."""
     g = cotangents[0]
     dx, dw, db = grads
     scale = lambda t: None if t is None else (g * t).astype(t.dtype)
     return scale(dx), scale(dw), scale(db), None
 
 
-_reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)
+reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)

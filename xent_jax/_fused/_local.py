@@ -5,33 +5,36 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from xent_jax._fused._blocks import (
-    _bias_unview,
-    _blocks_to_rows,
-    _cols_to_tiles,
-    _Plan,
-    _rows_to_blocks,
-    _w_unview,
-    _w_view,
-    _x_unview,
-    _x_view,
+    Plan,
+    bias_unview,
+    blocks_to_rows,
+    cols_to_tiles,
+    rows_to_blocks,
+    w_unview,
+    w_view,
+    x_unview,
+    x_view,
 )
-from xent_jax._fused._passes import _grad_pass, _stats_pass, _strip_pass
-from xent_jax._fused._tile_math import _BlockedInputs, _finish_rows, _grad_coefficients
+from xent_jax._fused._passes import grad_pass, stats_pass, strip_pass
+from xent_jax._fused._tile_math import BlockedInputs, finish_rows, grad_coefficients
 from xent_jax._labels import comparable_labels
+from xent_jax._options import SoftmaxOptions
 
 
 @dataclasses.dataclass(frozen=True)
-class _Call:
+class Call:
     """Static description of one call: the local plan plus how it is laid out on a mesh."""
 
-    plan: _Plan
+    plan: Plan
     reduction: str
     mesh: Any = None  # shard_map over this mesh when not None
     batch_spec: tuple = ()  # PartitionSpec entries of the batch dims
@@ -39,31 +42,65 @@ class _Call:
     vocab_axes: tuple[str, ...] = ()
 
 
-class _NonDiffInputs(NamedTuple):
+class NonDiffInputs(NamedTuple):
     """The inputs that get no gradient (one argument of the custom VJPs)."""
 
     labels: jax.Array  # batch shape, integer
     example_mask: jax.Array | None  # batch shape, bool
     class_weights: jax.Array | None  # [V]
     class_mask: jax.Array | None  # [1, V] or batch shape + [V]
+    label_smoothing: jax.Array | None  # scalar (None: off)
+    z_loss: jax.Array | None  # scalar (None: off)
 
 
-def _vocab_offset(call: _Call, v_local: int):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _constant(name: str, value: jax.Array) -> jax.Array:
+    return value
+
+
+@functools.partial(_constant.defjvp, symbolic_zeros=True)
+def _constant_jvp(name, primals, tangents):
+    if not isinstance(tangents[0], SymbolicZero):
+        # The blocked losses' custom VJPs give their constant inputs no gradient: refuse to
+        # differentiate through them rather than return a silent zero.
+        raise TypeError(
+            f"the fused and vocab-parallel losses give no derivative with respect to {name}; "
+            "differentiate softmax_cross_entropy_with_integer_labels on unsharded logits "
+            "(x @ w) for it."
+        )
+    return primals[0], tangents[0]
+
+
+def nondiff_inputs(labels, example_mask, class_mask, options: SoftmaxOptions) -> NonDiffInputs:
+    """The inputs that receive no gradient; options a caller might differentiate raise if
+    they do (see ``_constant``)."""
+    guard = lambda name, value: None if value is None else _constant(name, value)
+    return NonDiffInputs(
+        labels=labels,
+        example_mask=example_mask,
+        class_weights=guard("class_weights", options.class_weights),
+        class_mask=class_mask,
+        label_smoothing=guard("label_smoothing", options.label_smoothing),
+        z_loss=guard("z_loss", options.z_loss),
+    )
+
+
+def _vocab_offset(call: Call, v_local: int):
     """Global index of this device's first class (0 unless the classes are split)."""
     if not call.vocab_axes:
         return 0
     return lax.axis_index(call.vocab_axes) * v_local
 
 
-def _prepare(call: _Call, x, w, bias, nondiff: _NonDiffInputs) -> _BlockedInputs:
+def _prepare(call: Call, x, w, bias, nondiff: NonDiffInputs) -> BlockedInputs:
     """All local inputs in block / tile layout."""
     plan = call.plan
-    inputs = _prepare_rows(call, nondiff, bias)
-    x4 = _x_view(plan, x.reshape(plan.n, x.shape[-1]))
-    return inputs._replace(x4=x4, w4=_w_view(plan, w))
+    inputs = prepare_rows(call, nondiff, bias)
+    x4 = x_view(plan, x.reshape(plan.n, x.shape[-1]))
+    return inputs._replace(x4=x4, w4=w_view(plan, w))
 
 
-def _prepare_rows(call: _Call, nondiff: _NonDiffInputs, bias) -> _BlockedInputs:
+def prepare_rows(call: Call, nondiff: NonDiffInputs, bias) -> BlockedInputs:
     """Everything but ``x`` and ``w`` in block / tile layout (``x4`` and ``w4`` are ``None``)."""
     plan = call.plan
     n = plan.n
@@ -89,52 +126,56 @@ def _prepare_rows(call: _Call, nondiff: _NonDiffInputs, bias) -> _BlockedInputs:
     cmask = None
     if nondiff.class_mask is not None:
         if plan.cmask == "rows":
-            blocked = _rows_to_blocks(plan, nondiff.class_mask.reshape(n, plan.v), False)
-            cmask = jnp.swapaxes(_cols_to_tiles(plan, blocked, False), 0, 1)
+            blocked = rows_to_blocks(plan, nondiff.class_mask.reshape(n, plan.v), False)
+            cmask = jnp.swapaxes(cols_to_tiles(plan, blocked, False), 0, 1)
         else:
-            cmask = _cols_to_tiles(plan, nondiff.class_mask.reshape(1, plan.v), False)
+            cmask = cols_to_tiles(plan, nondiff.class_mask.reshape(1, plan.v), False)
     elif plan.cmask == "shared":  # padding only
-        cmask = _cols_to_tiles(plan, jnp.ones((1, plan.v), jnp.bool_), False)
+        cmask = cols_to_tiles(plan, jnp.ones((1, plan.v), jnp.bool_), False)
     class_weights = nondiff.class_weights
-    return _BlockedInputs(
+    return BlockedInputs(
         x4=None,
         w4=None,
-        labels=_rows_to_blocks(plan, safe, 0),
-        keep=_rows_to_blocks(plan, keep, False),
-        invalid=_rows_to_blocks(plan, invalid, False),
-        wy=None if wy is None else _rows_to_blocks(plan, wy, 0),
-        cls=_cols_to_tiles(plan, cls, -1),
-        bias=None if bias is None else _cols_to_tiles(plan, bias, 0),
-        cw=None if class_weights is None else _cols_to_tiles(plan, class_weights, 0),
+        labels=rows_to_blocks(plan, safe, 0),
+        keep=rows_to_blocks(plan, keep, False),
+        invalid=rows_to_blocks(plan, invalid, False),
+        wy=None if wy is None else rows_to_blocks(plan, wy, 0),
+        cls=cols_to_tiles(plan, cls, -1),
+        bias=None if bias is None else cols_to_tiles(plan, bias, 0),
+        cw=None if class_weights is None else cols_to_tiles(plan, class_weights, 0),
         cmask=cmask,
+        eps=None
+        if nondiff.label_smoothing is None
+        else nondiff.label_smoothing.astype(plan.cdtype),
+        z_loss=None if nondiff.z_loss is None else nondiff.z_loss.astype(plan.cdtype),
     )
 
 
-def _denominator_weights(plan: _Plan, inputs: _BlockedInputs, valid: jax.Array) -> jax.Array:
+def mean_weights(plan: Plan, inputs: BlockedInputs, valid: jax.Array) -> jax.Array:
     """Weight of each token in the mean's denominator: its label's class weight, or 1."""
     if inputs.wy is None:
         return valid.astype(plan.cdtype)
     return jnp.where(valid, inputs.wy, 0)
 
 
-def _local_forward(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+def local_forward(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Stats pass: per-token loss, lse, argmax, validity, mean weights and VJP coefficients."""
     plan = call.plan
     batch = x.shape[:-1]
     inputs = _prepare(call, x, w, bias, nondiff)
-    stats = _stats_pass(plan, inputs)
-    rows = _finish_rows(plan, inputs, stats)
-    denw = _denominator_weights(plan, inputs, rows.valid)
-    out = (rows.loss, rows.lse, stats.arg, rows.valid, denw, *_grad_coefficients(rows))
-    return tuple(_blocks_to_rows(plan, o).reshape(batch) for o in out)
+    stats = stats_pass(plan, inputs)
+    rows = finish_rows(plan, inputs, stats)
+    denw = mean_weights(plan, inputs, rows.valid)
+    out = (rows.loss, rows.lse, stats.arg, rows.valid, denw, *grad_coefficients(rows))
+    return tuple(blocks_to_rows(plan, o).reshape(batch) for o in out)
 
 
-def _local_backward(
-    call: _Call,
+def local_backward(
+    call: Call,
     x,
     w,
     bias,
-    nondiff: _NonDiffInputs,
+    nondiff: NonDiffInputs,
     lse,
     prob_coef,
     label_coef,
@@ -145,9 +186,9 @@ def _local_backward(
     plan = call.plan
     inputs = _prepare(call, x, w, bias, nondiff)
     n = plan.n
-    to_blocks = lambda r: _rows_to_blocks(plan, r.reshape(n).astype(plan.cdtype), 0)
+    to_blocks = lambda r: rows_to_blocks(plan, r.reshape(n).astype(plan.cdtype), 0)
     g = to_blocks(cotangent)
-    dx4, dw4, db3 = _grad_pass(
+    dx4, dw4, db3 = grad_pass(
         plan,
         inputs,
         to_blocks(lse),
@@ -160,13 +201,13 @@ def _local_backward(
     return _finish_grads(call, x, w, bias, dx4, dw4, db3)
 
 
-def _finish_grads(call: _Call, x, w, bias, dx4, dw4, db3):
+def _finish_grads(call: Call, x, w, bias, dx4, dw4, db3):
     """Gradients back in the layout and dtype of ``x``, ``w`` and ``bias``, summed over the
     mesh axes that hold other parts of them."""
     plan = call.plan
-    dx = _x_unview(plan, dx4).reshape(x.shape)
-    dw = _w_unview(plan, dw4)
-    db = None if db3 is None else _bias_unview(plan, db3)
+    dx = x_unview(plan, dx4).reshape(x.shape)
+    dw = w_unview(plan, dw4)
+    db = None if db3 is None else bias_unview(plan, db3)
     if call.vocab_axes:
         dx = lax.psum(dx, call.vocab_axes)
     if call.data_axes:
@@ -179,7 +220,7 @@ def _finish_grads(call: _Call, x, w, bias, dx4, dw4, db3):
     )
 
 
-def _rows_with_a_class(call: _Call, bias, nondiff: _NonDiffInputs, n: int):
+def _rows_with_a_class(call: Call, bias, nondiff: NonDiffInputs, n: int):
     """Whether each row has an available class, known before any logit (finite x and w)."""
     plan = call.plan
     avail = None if bias is None else bias != -jnp.inf
@@ -197,29 +238,29 @@ def _rows_with_a_class(call: _Call, bias, nondiff: _NonDiffInputs, n: int):
     return jnp.broadcast_to(count > 0, (n,))
 
 
-def _local_reduced_primal(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+def local_reduced_primal(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Loss value only (no gradients): the stats pass, then the reduction."""
-    loss, lse, arg, valid, denw, *_ = _local_forward(call, x, w, bias, nondiff)
+    loss, lse, arg, valid, denw, *_ = local_forward(call, x, w, bias, nondiff)
     total, den = jnp.sum(loss), jnp.sum(denw)
     if call.data_axes:
         total, den = lax.psum((total, den), call.data_axes)
     return _reduce_total(call, total, den), lse, arg, valid
 
 
-def _safe_divide(numerator, den):
-    """``numerator / den``, or 0 where ``den`` is not positive."""
+def safe_divide(numerator, den):
+    """``numerator / den``, or 0 where ``den`` is exactly 0 (a mean over nothing)."""
     # The inner where keeps 0 / 0 (and its NaN gradient) out when no token counts.
-    return jnp.where(den > 0, numerator / jnp.where(den > 0, den, 1), 0)
+    return jnp.where(den != 0, numerator / jnp.where(den != 0, den, 1), 0)
 
 
-def _reduce_total(call: _Call, total, den):
+def _reduce_total(call: Call, total, den):
     """The reduced loss from the summed loss and the summed denominator weights."""
     if call.reduction == "sum":
         return total
-    return _safe_divide(total, den)
+    return safe_divide(total, den)
 
 
-def _local_reduced_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
+def local_reduced_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Strip schedule: the loss and its gradients in one pass over the token blocks."""
     plan = call.plan
     n = plan.n
@@ -230,16 +271,16 @@ def _local_reduced_fwd(call: _Call, x, w, bias, nondiff: _NonDiffInputs):
         # The mean's denominator is known before any logit, so the gradients can be scaled by
         # it inside the one pass.
         has_class = _rows_with_a_class(call, bias, nondiff, n)
-        valid_pre = _rows_to_blocks(plan, has_class, False) & inputs.keep
-        den_pre = jnp.sum(_denominator_weights(plan, inputs, valid_pre))
+        valid_pre = rows_to_blocks(plan, has_class, False) & inputs.keep
+        den_pre = jnp.sum(mean_weights(plan, inputs, valid_pre))
         if call.data_axes:
             den_pre = lax.psum(den_pre, call.data_axes)
-        scale = _safe_divide(1, den_pre)
+        scale = safe_divide(1, den_pre)
     row_scale = jnp.broadcast_to(scale, (plan.kn, plan.bn))
-    (loss, lse, valid, arg), (dx4, dw4, db3) = _strip_pass(plan, inputs, row_scale, True, True)
-    total, den = jnp.sum(loss), jnp.sum(_denominator_weights(plan, inputs, valid))
+    (loss, lse, valid, arg), (dx4, dw4, db3) = strip_pass(plan, inputs, row_scale, True, True)
+    total, den = jnp.sum(loss), jnp.sum(mean_weights(plan, inputs, valid))
     if call.data_axes:
         total, den = lax.psum((total, den), call.data_axes)
-    rows = tuple(_blocks_to_rows(plan, o).reshape(batch) for o in (lse, arg, valid))
+    rows = tuple(blocks_to_rows(plan, o).reshape(batch) for o in (lse, arg, valid))
     grads = _finish_grads(call, x, w, bias, dx4, dw4, db3)
     return (_reduce_total(call, total, den), *rows), grads

@@ -7,59 +7,57 @@ import jax.numpy as jnp
 from jax import lax
 
 from xent_jax._fused._blocks import (
-    _index,
-    _loop,
-    _Plan,
-    _update,
-    _w_tile,
-    _x_block,
-    _xt_block,
-    _xt_view,
+    Plan,
+    fori,
+    put_block,
+    take_block,
+    w_tile,
+    x_block,
+    xt_block,
+    xt_view,
 )
 from xent_jax._fused._tile_math import (
-    _BlockedInputs,
-    _combine_stats,
-    _finish_rows,
-    _init_stats,
-    _Stats,
-    _tile_grad,
-    _tile_logits,
-    _tile_mask,
-    _update_stats,
+    BlockedInputs,
+    Stats,
+    combine_stats,
+    finish_rows,
+    init_stats,
+    tile_grad,
+    tile_logits,
+    tile_mask,
+    update_stats,
 )
 
 
-def _stats_pass(plan: _Plan, inputs: _BlockedInputs) -> _Stats:
+def stats_pass(plan: Plan, inputs: BlockedInputs) -> Stats:
     """Forward pass over all tiles (vocabulary outer, tokens inner): final per-token stats."""
     single_i, single_j = plan.kn == 1, plan.kv == 1
 
     def vocab_step(j, stats):
-        w_j = _w_tile(plan, inputs.w4, j)
-        tile_classes = _index(inputs.cls, j, single_j)
-        tile_class_weights = _index(inputs.cw, j, single_j)
+        w_j = w_tile(plan, inputs.w4, j)
+        tile_classes = take_block(inputs.cls, j, single_j)
+        tile_class_weights = take_block(inputs.cw, j, single_j)
 
         def token_step(i, stats):
-            x_i = _x_block(plan, inputs.x4, i)
-            mask = _tile_mask(plan, inputs, i, j)
-            _, masked_logits = _tile_logits(plan, inputs, x_i, w_j, j, mask)
-            labels = _index(inputs.labels, i, single_i)
-            rows = tuple(_index(field, i, single_i) for field in stats)
-            rows = _update_stats(
-                plan, rows, masked_logits, labels, tile_classes, tile_class_weights
-            )
-            return _Stats(
-                *(_update(field, r, i, single_i) for field, r in zip(stats, rows, strict=True))
+            x_i = x_block(plan, inputs.x4, i)
+            mask = tile_mask(plan, inputs, i, j)
+            _, masked_logits = tile_logits(plan, inputs, x_i, w_j, j, mask)
+            labels = take_block(inputs.labels, i, single_i)
+            rows = tuple(take_block(field, i, single_i) for field in stats)
+            rows = update_stats(plan, rows, masked_logits, labels, tile_classes, tile_class_weights)
+            return Stats(
+                *(put_block(field, r, i, single_i) for field, r in zip(stats, rows, strict=True))
             )
 
-        return _loop(plan.kn, token_step, stats)
+        return fori(plan.kn, token_step, stats)
 
-    stats = _loop(plan.kv, vocab_step, _init_stats(plan))
-    return _combine_stats(plan, stats)
+    stats = fori(plan.kv, vocab_step, init_stats(plan))
+    return combine_stats(plan, stats)
 
 
-def _grad_pass(
-    plan: _Plan,
-    inputs: _BlockedInputs,
+def grad_pass(
+    plan: Plan,
+    inputs: BlockedInputs,
     lse,
     prob_coef,
     label_coef,
@@ -77,25 +75,25 @@ def _grad_pass(
     dw4 = jnp.zeros(inputs.w4.shape, plan.cdtype) if need_dw else None
     has_bias = inputs.bias is not None
     db3 = jnp.zeros((plan.pv, plan.kv, plan.tc), plan.cdtype) if has_bias else None
-    xt4 = _xt_view(inputs.x4) if need_dw else None
+    xt4 = xt_view(inputs.x4) if need_dw else None
 
     def vocab_step(j, carry):
         dx4, dw4, db3 = carry
-        w_j = _w_tile(plan, inputs.w4, j)
+        w_j = w_tile(plan, inputs.w4, j)
         w_j_compute = w_j.astype(plan.cdtype)
-        tile_classes = _index(inputs.cls, j, single_j)
-        tile_class_weights = _index(inputs.cw, j, single_j)
+        tile_classes = take_block(inputs.cls, j, single_j)
+        tile_class_weights = take_block(inputs.cw, j, single_j)
         dw_j = jnp.zeros((d, plan.bv), plan.cdtype) if need_dw else None
         db_j = jnp.zeros((plan.bv,), plan.cdtype) if db3 is not None else None
 
         def token_step(i, carry):
             dx4, dw_j, db_j = carry
-            x_i = _x_block(plan, inputs.x4, i)
-            mask = _tile_mask(plan, inputs, i, j)
-            logits, masked_logits = _tile_logits(plan, inputs, x_i, w_j, j, mask)
-            labels = _index(inputs.labels, i, single_i)
-            coefs = [_index(t, i, single_i) for t in (lse, prob_coef, label_coef, smooth_coef)]
-            du = _tile_grad(
+            x_i = x_block(plan, inputs.x4, i)
+            mask = tile_mask(plan, inputs, i, j)
+            logits, masked_logits = tile_logits(plan, inputs, x_i, w_j, j, mask)
+            labels = take_block(inputs.labels, i, single_i)
+            coefs = [take_block(t, i, single_i) for t in (lse, prob_coef, label_coef, smooth_coef)]
+            du = tile_grad(
                 plan, logits, masked_logits, mask, *coefs, labels, tile_classes, tile_class_weights
             )
             if dx4 is not None:
@@ -109,7 +107,7 @@ def _grad_pass(
                     old = lax.dynamic_slice_in_dim(dx4, i, 1, axis=1)
                     dx4 = lax.dynamic_update_slice_in_dim(dx4, old + dx_i, i, axis=1)
             if dw_j is not None:
-                xt_i = _xt_block(plan, xt4, i).astype(plan.cdtype)
+                xt_i = xt_block(plan, xt4, i).astype(plan.cdtype)
                 dw_j = dw_j + jnp.dot(
                     xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision
                 )
@@ -117,7 +115,7 @@ def _grad_pass(
                 db_j = db_j + jnp.sum(du, axis=0)
             return dx4, dw_j, db_j
 
-        dx4, dw_j, db_j = _loop(plan.kn, token_step, (dx4, dw_j, db_j))
+        dx4, dw_j, db_j = fori(plan.kn, token_step, (dx4, dw_j, db_j))
         if dw4 is not None:
             dw_j = dw_j.reshape(d, plan.pv, 1, plan.tc)
             dw4 = dw_j if single_j else lax.dynamic_update_slice_in_dim(dw4, dw_j, j, axis=2)
@@ -126,23 +124,23 @@ def _grad_pass(
             db3 = db_j if single_j else lax.dynamic_update_slice_in_dim(db3, db_j, j, axis=1)
         return dx4, dw4, db3
 
-    return _loop(plan.kv, vocab_step, (dx4, dw4, db3))
+    return fori(plan.kv, vocab_step, (dx4, dw4, db3))
 
 
-def _strip_pass(plan: _Plan, inputs: _BlockedInputs, row_scale, need_dx: bool, need_dw: bool):
+def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need_dw: bool):
     """One pass over token blocks, each against the whole vocabulary (``kv == 1``): statistics,
     per-token loss and the gradient of ``sum(row_scale * loss)`` in the same visit."""
     assert plan.kv == 1
     single_i = plan.kn == 1
     d = inputs.x4.shape[-1]
-    w_all = _w_tile(plan, inputs.w4, 0)
+    w_all = w_tile(plan, inputs.w4, 0)
     w_all_compute = w_all.astype(plan.cdtype)
     classes = inputs.cls[0]
     class_weights = None if inputs.cw is None else inputs.cw[0]
     dx4 = jnp.zeros(inputs.x4.shape, plan.cdtype) if need_dx else None
     dw = jnp.zeros((d, plan.bv), plan.cdtype) if need_dw else None
     db = jnp.zeros((plan.bv,), plan.cdtype) if inputs.bias is not None else None
-    xt4 = _xt_view(inputs.x4) if need_dw else None
+    xt4 = xt_view(inputs.x4) if need_dw else None
     shape = (plan.kn, plan.bn)
     out = (
         jnp.zeros(shape, plan.cdtype),  # loss
@@ -154,10 +152,10 @@ def _strip_pass(plan: _Plan, inputs: _BlockedInputs, row_scale, need_dx: bool, n
 
     def token_step(i, carry):
         dx4, dw, db, out = carry
-        x_i = _x_block(plan, inputs.x4, i)
-        mask = _tile_mask(plan, inputs, i, 0)
-        logits, masked_logits = _tile_logits(plan, inputs, x_i, w_all, 0, mask)
-        labels = _index(inputs.labels, i, single_i)
+        x_i = x_block(plan, inputs.x4, i)
+        mask = tile_mask(plan, inputs, i, 0)
+        logits, masked_logits = tile_logits(plan, inputs, x_i, w_all, 0, mask)
+        labels = take_block(inputs.labels, i, single_i)
         fresh = (
             jnp.full((plan.bn,), -jnp.inf, plan.cdtype),
             dummy,
@@ -168,17 +166,17 @@ def _strip_pass(plan: _Plan, inputs: _BlockedInputs, row_scale, need_dx: bool, n
             jnp.full((plan.bn,), -jnp.inf, plan.cdtype),
             jnp.zeros((plan.bn,), jnp.int32),
         )
-        stats = _Stats(*_update_stats(plan, fresh, masked_logits, labels, classes, class_weights))
-        stats = _combine_stats(plan, stats)
+        stats = Stats(*update_stats(plan, fresh, masked_logits, labels, classes, class_weights))
+        stats = combine_stats(plan, stats)
         block_inputs = inputs._replace(
             labels=labels,
-            keep=_index(inputs.keep, i, single_i),
-            invalid=_index(inputs.invalid, i, single_i),
-            wy=_index(inputs.wy, i, single_i),
+            keep=take_block(inputs.keep, i, single_i),
+            invalid=take_block(inputs.invalid, i, single_i),
+            wy=take_block(inputs.wy, i, single_i),
         )
-        rows = _finish_rows(plan, block_inputs, stats)
-        scale = jnp.where(rows.grad_ok, _index(row_scale, i, single_i), 0)
-        du = _tile_grad(
+        rows = finish_rows(plan, block_inputs, stats)
+        scale = jnp.where(rows.grad_ok, take_block(row_scale, i, single_i), 0)
+        du = tile_grad(
             plan,
             logits,
             masked_logits,
@@ -198,17 +196,17 @@ def _strip_pass(plan: _Plan, inputs: _BlockedInputs, row_scale, need_dx: bool, n
             dx_i = dx_i.reshape(plan.pn, 1, plan.bc, d)
             dx4 = dx_i if single_i else lax.dynamic_update_slice_in_dim(dx4, dx_i, i, axis=1)
         if dw is not None:
-            xt_i = _xt_block(plan, xt4, i).astype(plan.cdtype)
+            xt_i = xt_block(plan, xt4, i).astype(plan.cdtype)
             dw = dw + jnp.dot(
                 xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision
             )
         if db is not None:
             db = db + jnp.sum(du, axis=0)
         new = (rows.loss, rows.lse, rows.valid, stats.arg)
-        out = tuple(_update(o, r, i, single_i) for o, r in zip(out, new, strict=True))
+        out = tuple(put_block(o, r, i, single_i) for o, r in zip(out, new, strict=True))
         return dx4, dw, db, out
 
-    dx4, dw, db, out = _loop(plan.kn, token_step, (dx4, dw, db, out))
+    dx4, dw, db, out = fori(plan.kn, token_step, (dx4, dw, db, out))
     dw4 = None if dw is None else dw.reshape(d, plan.pv, 1, plan.tc)
     db3 = None if db is None else db.reshape(plan.pv, 1, plan.tc)
     return out, (dx4, dw4, db3)

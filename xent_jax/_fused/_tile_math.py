@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xent_jax._fused._blocks import _index, _Plan
+from xent_jax._fused._blocks import Plan, take_block
 
 
-class _BlockedInputs(NamedTuple):
+class BlockedInputs(NamedTuple):
     """Local arrays in block/tile layout (``None`` where an option is off)."""
 
     x4: jax.Array  # [pn, kn, bc, D]
@@ -32,9 +32,11 @@ class _BlockedInputs(NamedTuple):
     bias: jax.Array | None  # [kv, bv]
     cw: jax.Array | None  # [kv, bv]
     cmask: jax.Array | None  # shared: [kv, 1, bv]; rows: [kn, kv, bn, bv]; padding: [kv, 1, bv]
+    eps: jax.Array | None  # label smoothing (scalar, compute dtype)
+    z_loss: jax.Array | None  # z-loss coefficient (scalar, compute dtype)
 
 
-class _Stats(NamedTuple):
+class Stats(NamedTuple):
     """Running per-token statistics (each ``[kn, bn]``; unused fields are dummies)."""
 
     m: jax.Array  # running max of the available logits
@@ -65,28 +67,28 @@ def _shift(m: jax.Array) -> jax.Array:
     return jnp.where(m == -jnp.inf, 0, m)
 
 
-def _tile_mask(plan: _Plan, inputs: _BlockedInputs, i, j) -> jax.Array | None:
+def tile_mask(plan: Plan, inputs: BlockedInputs, i, j) -> jax.Array | None:
     """Boolean ``[bn or 1, bv]`` of classes that exist and are not masked; ``None``: all."""
     if inputs.cmask is None:
         return None
     if plan.cmask == "rows":
-        block = _index(inputs.cmask, i, plan.kn == 1)
-        return _index(block, j, plan.kv == 1)
-    return _index(inputs.cmask, j, plan.kv == 1)
+        block = take_block(inputs.cmask, i, plan.kn == 1)
+        return take_block(block, j, plan.kv == 1)
+    return take_block(inputs.cmask, j, plan.kv == 1)
 
 
-def _tile_logits(plan: _Plan, inputs: _BlockedInputs, x_i: jax.Array, w_j: jax.Array, j, mask):
+def tile_logits(plan: Plan, inputs: BlockedInputs, x_i: jax.Array, w_j: jax.Array, j, mask):
     """Returns (capped logits, masked capped logits) of one ``[bn, bv]`` tile."""
     # Accumulate in the compute dtype: bfloat16 / float16 products would lose the small terms.
     raw_logits = jnp.dot(x_i, w_j, preferred_element_type=plan.cdtype, precision=plan.precision)
-    return _transform_logits(plan, inputs, raw_logits, j, mask)
+    return transform_logits(plan, inputs, raw_logits, j, mask)
 
 
-def _transform_logits(plan: _Plan, inputs: _BlockedInputs, raw_logits: jax.Array, j, mask):
+def transform_logits(plan: Plan, inputs: BlockedInputs, raw_logits: jax.Array, j, mask):
     """Bias, soft cap and mask applied to raw logits: (capped, masked capped)."""
     logits = raw_logits
     if inputs.bias is not None:
-        logits = logits + _index(inputs.bias, j, plan.kv == 1).astype(plan.cdtype)[None, :]
+        logits = logits + take_block(inputs.bias, j, plan.kv == 1).astype(plan.cdtype)[None, :]
     if plan.softcap is not None:
         cap = plan.softcap
         # A class masked by a -inf bias stays -inf (tanh would turn it into an available -cap).
@@ -95,11 +97,11 @@ def _transform_logits(plan: _Plan, inputs: _BlockedInputs, raw_logits: jax.Array
     return logits, masked
 
 
-def _init_stats(plan: _Plan) -> _Stats:
+def init_stats(plan: Plan) -> Stats:
     """Statistics before any tile: max and best logit -inf, sums and counts 0."""
     shape = (plan.kn, plan.bn)
     zeros = functools.partial(jnp.zeros, shape, plan.cdtype)
-    return _Stats(
+    return Stats(
         m=jnp.full(shape, -jnp.inf, plan.cdtype),
         s=zeros(),
         zy=zeros(),
@@ -111,8 +113,8 @@ def _init_stats(plan: _Plan) -> _Stats:
     )
 
 
-def _update_stats(
-    plan: _Plan, stats: tuple, masked_logits: jax.Array, labels, tile_classes, tile_class_weights
+def update_stats(
+    plan: Plan, stats: tuple, masked_logits: jax.Array, labels, tile_classes, tile_class_weights
 ) -> tuple:
     """Folds one tile into the running statistics of its rows (tuples of ``[bn]``)."""
     m, s, zy, k, sw, swz, best, arg = stats
@@ -123,7 +125,7 @@ def _update_stats(
     s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(shifted), axis=-1)
     is_label = tile_classes[None, :] == labels[:, None]
     zy = zy + jnp.sum(jnp.where(is_label, masked_logits, 0), axis=-1)
-    if plan.eps:
+    if plan.smoothing:
         avail = masked_logits != -jnp.inf
         k = k + jnp.sum(avail, axis=-1, dtype=plan.cdtype)
         # Re-reference the running sum of w_c (z_c - shift) to the new shift (skipped while the
@@ -145,7 +147,7 @@ def _update_stats(
     return m_new, s, zy, k, sw, swz, best, arg
 
 
-def _combine_stats(plan: _Plan, stats: _Stats) -> _Stats:
+def combine_stats(plan: Plan, stats: Stats) -> Stats:
     """Combines the statistics of the vocabulary shards (pmax / psum over ``vocab_axes``)."""
     axes = plan.vocab_axes
     if not axes:
@@ -156,7 +158,7 @@ def _combine_stats(plan: _Plan, stats: _Stats) -> _Stats:
     s = stats.s * jnp.exp(stats.m - shift_global)
     zy = stats.zy
     k, sw, swz = stats.k, stats.sw, stats.swz
-    if plan.eps:
+    if plan.smoothing:
         # Re-reference to the global shift; a shard whose max is -inf has sw = 0 (no NaN).
         swz = swz + jnp.where(stats.m == -jnp.inf, 0, sw * (_shift(stats.m) - shift_global))
     s, zy, k, sw, swz = lax.psum((s, zy, k, sw, swz), axes)
@@ -166,15 +168,15 @@ def _combine_stats(plan: _Plan, stats: _Stats) -> _Stats:
         # The smallest class among the shards that hold the max: the first one on ties.
         arg = lax.pmin(jnp.where(best == best_global, arg, jnp.iinfo(jnp.int32).max), axes)
         best = best_global
-    return _Stats(m_global, s, zy, k, sw, swz, best, arg)
+    return Stats(m_global, s, zy, k, sw, swz, best, arg)
 
 
-def _finish_rows(plan: _Plan, inputs: _BlockedInputs, stats: _Stats) -> _Rows:
+def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
     """Per-token loss, logsumexp, validity and VJP coefficients from the final statistics."""
     row_ok = stats.m != -jnp.inf
     # log(1) on rows without an available class keeps log(0) and its NaN gradient out.
     lse = jnp.where(row_ok, _shift(stats.m) + jnp.log(jnp.where(row_ok, stats.s, 1)), 0)
-    one_minus = 1.0 - plan.eps
+    one_minus = 1.0 - inputs.eps if plan.smoothing else 1.0
     wy = inputs.wy if inputs.wy is not None else 1.0
     # lse - z_y as (max - z_y) + log(sum): the large terms cancel first, exactly (lse - z_y keeps
     # only lse's ulp: 7.6e-6 for a true 8.4e-6 at logits [90, 78, 77]).
@@ -186,16 +188,16 @@ def _finish_rows(plan: _Plan, inputs: _BlockedInputs, stats: _Stats) -> _Rows:
     prob_coef = jnp.ones_like(lse) * wy * one_minus
     label_coef = prob_coef
     smooth_coef = jnp.zeros_like(lse)
-    if plan.eps:
+    if plan.smoothing:
         # At least 1 available class in the denominator: rows with none would divide by 0.
         k = jnp.maximum(stats.k, 1)
         smooth = (stats.sw * (lse - _shift(stats.m)) - stats.swz) / k
-        loss = one_minus * nll + plan.eps * smooth
-        smooth_coef = plan.eps / k
+        loss = one_minus * nll + inputs.eps * smooth
+        smooth_coef = inputs.eps / k
         prob_coef = prob_coef + smooth_coef * stats.sw
-    if plan.z_loss:
-        loss = loss + plan.z_loss * jnp.square(lse)
-        prob_coef = prob_coef + 2.0 * plan.z_loss * lse
+    if plan.has_z_loss:
+        loss = loss + inputs.z_loss * jnp.square(lse)
+        prob_coef = prob_coef + 2.0 * inputs.z_loss * lse
     valid = inputs.keep & row_ok
     loss = jnp.where(inputs.invalid, jnp.nan, loss)
     loss = jnp.where(valid, loss, 0)
@@ -203,14 +205,14 @@ def _finish_rows(plan: _Plan, inputs: _BlockedInputs, stats: _Stats) -> _Rows:
     return _Rows(loss, lse, valid, grad_ok, prob_coef, label_coef, smooth_coef)
 
 
-def _grad_coefficients(rows: _Rows) -> tuple[jax.Array, jax.Array, jax.Array]:
+def grad_coefficients(rows: _Rows) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The three VJP coefficients of ``rows``, zero for tokens that receive no gradient."""
     coefs = (rows.prob_coef, rows.label_coef, rows.smooth_coef)
     return tuple(jnp.where(rows.grad_ok, coef, 0) for coef in coefs)
 
 
-def _tile_grad(
-    plan: _Plan,
+def tile_grad(
+    plan: Plan,
     logits,
     masked_logits,
     mask,
@@ -226,7 +228,7 @@ def _tile_grad(
     p = jnp.exp(masked_logits - lse[:, None])
     is_label = tile_classes[None, :] == labels[:, None]
     du = prob_coef[:, None] * p - jnp.where(is_label, label_coef[:, None], 0)
-    if plan.eps:
+    if plan.smoothing:
         wc = 1.0 if tile_class_weights is None else tile_class_weights[None, :]
         du = du - jnp.where(masked_logits != -jnp.inf, smooth_coef[:, None] * wc, 0)
     elif mask is not None:
