@@ -1,16 +1,19 @@
 """Benchmark of the losses against optax, jax.numpy and PyTorch, with limits from the same run.
 
-Launch (full: ``make bench``; quick, under 2 minutes on 2 CPU cores: ``make bench-quick``):
+Launch (full: ``make bench``; quick, under 2 minutes on 2 CPU cores: ``make bench-quick``; the
+fused linear loss against materialising ``x @ w``: ``make bench-fused``):
 
     python -m research.benchmark --config configs/benchmark.py
     python -m research.benchmark --config configs/benchmark.py:quick
-    python -m research.benchmark --config configs/benchmark.py:quick \
-        --config.repeats=3 --config.dtypes=float32 --workdir /tmp/bench
+    python -m research.benchmark --config configs/benchmark.py:fused
+    python -m research.benchmark --config configs/benchmark.py:quick --workdir /tmp/bench \
+        --config.repeats=3 --config.dtypes=float32
     # compute only: gradients written into donated copies of the logits (no page faults)
     python -m research.benchmark --config configs/benchmark.py --config.donate_logits=True
 
 Shapes are ``"NxK"`` strings (``"NxDxV"`` for the fused linear loss), e.g.
-``--config.shapes.softmax_int=1024x8192,8192x32768``. Groups whose inputs would not fit in
+``--config.shapes.softmax_int=1024x8192,8192x32768``; a list is comma-separated or a tuple
+literal (``--config.dtypes="('float32',)"``). Groups whose inputs would not fit in
 ``memory_fraction`` of the available memory are skipped (and listed as such). Results go to
 ``--workdir`` (default ``bench_runs/<stamp>/``).
 """
@@ -28,6 +31,8 @@ def get_config(arg=None):
         "xent_jax",
         "xent_jax[options]",  # ignore_index + label smoothing + z-loss (integer labels only)
         "xent_jax[unfused]",  # fused-loss group: x @ w, then the xent_jax loss
+        "xent_jax[ignore_index]",  # fused-loss group: with ignore_index, no row ignored
+        "xent_jax[half-ignored]",  # ... and with half the rows' labels = ignore_index
         "optax",
         "jnp",
         "torch",  # skipped when PyTorch is not installed
@@ -73,13 +78,28 @@ def get_config(arg=None):
     # 1024x256 @ 256x8192): left out of the bfloat16 fused-loss groups unless asked for.
     config.torch_bfloat16_matmul = False
     config.plots = True
+    # The fused linear loss's bars (loss + gradients for x and w, float32, CPU), at each shape
+    # that was timed: time / materialised (x @ w, then optax's or xent_jax's plain loss) at most
+    # `time` (one target per shape), temporary memory / materialised at most `memory`, and half
+    # the rows ignored / none ignored at most `half_ignored`. On a GPU/TPU the time and memory
+    # targets are `accelerator_time` and `accelerator_memory`.
+    config.fused_bars = ml_collections.ConfigDict(
+        {
+            "shapes": ("8192x512x32768", "2048x1024x65536"),
+            "time": (0.9, 1.0),
+            "memory": 1 / 32,
+            "half_ignored": 0.65,
+            "accelerator_time": 1.0,
+            "accelerator_memory": 1 / 20,
+        }
+    )
     if arg == "quick":
         config.shapes = ml_collections.ConfigDict(
             {
                 "softmax_int": ("256x2048", "1024x16384"),
                 "softmax_dense": ("512x8192",),
                 "sigmoid": ("512x8192",),
-                "linear_softmax_int": ("512x128x8192",),
+                "linear_softmax_int": ("1024x128x8192",),
             }
         )
         config.bar_shape = "1024x16384"
@@ -87,6 +107,24 @@ def get_config(arg=None):
         config.repeats = 5
         config.warmup = 1
         config.rotation_mib = 16
+        config.fused_bars.shapes = ("1024x128x8192",)
+        config.fused_bars.time = (0.9,)
+    elif arg == "fused":
+        # The fused loss's bars only: loss + gradients, float32, the two shapes of the bars.
+        config.losses = ("linear_softmax_int",)
+        config.modes = ("fwd_bwd",)
+        config.dtypes = ("float32",)
+        config.implementations = (
+            "xent_jax",
+            "xent_jax[ignore_index]",
+            "xent_jax[half-ignored]",
+            "xent_jax[unfused]",
+            "optax",
+        )
+        config.shapes.linear_softmax_int = config.fused_bars.shapes
+        config.repeats = 5
+        config.warmup = 1
+        config.plots = False
     elif arg is not None:
-        raise ValueError(f"unknown config variant {arg!r}; use ':quick' or nothing")
+        raise ValueError(f"unknown config variant {arg!r}; use ':quick', ':fused' or nothing")
     return config

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from absl import app
 from flax import nnx
 
 import xent_jax
@@ -30,9 +30,9 @@ from research.common import (
     Workdir,
     check_config,
     check_finite,
+    cli,
     markdown_table,
     progress,
-    run_cli,
 )
 from research.common.data import load_split
 
@@ -260,7 +260,7 @@ def rules(config: Any) -> dict[str, tuple]:
     }
 
 
-def main(config: Any, workdir: str | Path) -> dict[str, Any]:
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Train every model in config.models; writes config.json, metrics.jsonl, metrics.json,
     tables.md and curves.png to ``workdir`` and returns the metrics."""
     check_config(config, rules(config))
@@ -312,5 +312,11 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--config`` and ``--workdir``."""
+    cli.run_main(argv, run, "flax_classifier")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "flax_classifier"))
+    cli.define_flags("flax_classifier")
+    app.run(main, flags_parser=cli.parse_flags)

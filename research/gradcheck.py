@@ -15,7 +15,6 @@ Errors are max |autodiff - reference| (abs) and that divided by max |reference| 
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from absl import app
 
 import xent_jax
-from research.common import Workdir, check_config, markdown_table, run_cli
+from research.common import Workdir, check_config, cli, markdown_table
 from xent_jax import analytic
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -400,7 +400,7 @@ def rules(config: Any) -> dict[str, tuple]:
     }
 
 
-def main(config: Any, workdir: str | Path) -> dict[str, Any]:
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Run all checks; writes config.json, metrics.jsonl (one line per check), metrics.json,
     tables.md and errors.png to ``workdir`` and returns the metrics."""
     check_config(config, rules(config))
@@ -482,5 +482,11 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--config`` and ``--workdir``."""
+    cli.run_main(argv, run, "gradcheck")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "gradcheck"))
+    cli.define_flags("gradcheck")
+    app.run(main, flags_parser=cli.parse_flags)

@@ -11,14 +11,14 @@ optimiser, ``optax.lbfgs`` and Newton's method (``jax.hessian``), and compared w
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import matplotlib.pyplot as plt
+from absl import app
 
-from research.common import Workdir, check_config, markdown_table, run_cli
+from research.common import Workdir, check_config, cli, markdown_table
 from research.common.data import load_split
 from research.common.linear import plot_convergence
 from research.common.problem import FORMATS, TABLE_COLUMNS, regression_rules, run_dataset
@@ -27,7 +27,7 @@ from research.common.problem import table_rows as to_table_rows
 DATASET = "breast_cancer"
 
 
-def main(config: Any, workdir: str | Path) -> dict[str, Any]:
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Run the comparison; writes config.json, metrics.jsonl, metrics.json, tables.md and
     convergence.png to ``workdir`` and returns the metrics."""
     check_config(config, regression_rules(config))
@@ -71,5 +71,11 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--config`` and ``--workdir``."""
+    cli.run_main(argv, run, "logistic_regression")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "logistic_regression"))
+    cli.define_flags("logistic_regression")
+    app.run(main, flags_parser=cli.parse_flags)

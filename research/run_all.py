@@ -2,6 +2,9 @@
 
     python -m research.run_all --runs_dir runs [--smoke] [--only name,name]
 
+Each script's config is ``configs/<name>.py`` (its ``:smoke`` variant with ``--smoke``), loaded
+by importing the module and calling ``get_config``, as ``--config`` would.
+
 Each run goes to its own folder ``<runs_dir>/<timestamp>/`` (one subfolder per script, plus
 ``report.md`` and ``summary.json``); ``<runs_dir>/latest`` is a symlink to the newest run and
 ``<runs_dir>/report.md`` / ``summary.json`` are copies of its report (links adjusted), so
@@ -10,7 +13,6 @@ earlier runs are never overwritten. Exit status 1 if a script failed or a bar wa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,24 +23,29 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from absl import app, flags
 
 from research import (
     flax_classifier,
     gradcheck,
+    headline_claims,
     logistic_regression,
     seed_examples,
     softmax_regression,
 )
-from research.common.config import CONFIG_DIR, load_config
+from research.common import cli
+from research.common.config import get_config
 from research.common.report import bars, render, summarize
 from research.common.workdir import to_jsonable
 
+FLAGS = flags.FLAGS
 SCRIPTS = {
-    "logistic_regression": logistic_regression.main,
-    "softmax_regression": softmax_regression.main,
-    "flax_classifier": flax_classifier.main,
-    "gradcheck": gradcheck.main,
-    "seed_examples": seed_examples.main,
+    "logistic_regression": logistic_regression.run,
+    "softmax_regression": softmax_regression.run,
+    "flax_classifier": flax_classifier.run,
+    "gradcheck": gradcheck.run,
+    "seed_examples": seed_examples.run,
+    "headline_claims": headline_claims.run,
 }
 
 
@@ -69,7 +76,7 @@ def run_one(name: str, smoke: bool, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     print(f"== {name} ==", file=sys.stderr, flush=True)
     try:
-        config = load_config(f"{CONFIG_DIR / name}.py" + (":smoke" if smoke else ""))
+        config = get_config(name, "smoke" if smoke else None)
         metrics = SCRIPTS[name](config, workdir)
         result = {"status": "ok", "summary": summarize(name, metrics), "bars": bars(name, metrics)}
     except Exception as error:  # one failing script must not stop the others
@@ -81,27 +88,25 @@ def run_one(name: str, smoke: bool, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs_dir", default="runs", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="use every config's :smoke variant")
-    parser.add_argument(
-        "--only", default=",".join(SCRIPTS), help=f"comma-separated subset of {','.join(SCRIPTS)}"
-    )
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+def run(runs_dir: str | Path, *, smoke: bool = False, only: list[str] | None = None) -> int:
+    """Runs the scripts named in ``only`` (default: all) into a new folder of ``runs_dir``;
+    returns the exit status (1 if a script failed or a bar was missed)."""
+    runs_dir = Path(runs_dir)
+    names = list(SCRIPTS) if only is None else [n.strip() for n in only if n.strip()]
     unknown = sorted(set(names) - set(SCRIPTS))
     if unknown:
-        parser.error(f"unknown script(s) in --only: {', '.join(unknown)}")
+        raise ValueError(
+            f"unknown script(s) in --only: {', '.join(unknown)}; choose from {', '.join(SCRIPTS)}"
+        )
 
-    run_dir = new_run_dir(args.runs_dir)
+    run_dir = new_run_dir(runs_dir)
     start = time.perf_counter()
-    results = {name: run_one(name, args.smoke, run_dir) for name in names}
-    run = {
+    results = {name: run_one(name, smoke, run_dir) for name in names}
+    info = {
         "stamp": run_dir.name,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_time_s": time.perf_counter() - start,
-        "smoke": args.smoke,
+        "smoke": smoke,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": ", ".join(sorted({d.device_kind for d in jax.devices()})),
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     all_bars = [row["met"] for r in results.values() for row in r["bars"]]
     summary = {
-        "run": run,
+        "run": info,
         **{name: r["summary"] for name, r in results.items()},
         "scripts": {
             name: {"status": r["status"], "wall_time_s": r["wall_time_s"]}
@@ -122,23 +127,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(to_jsonable(summary), indent=2) + "\n"
     (run_dir / "summary.json").write_text(text)
-    (run_dir / "report.md").write_text(render(run, results, run_dir))
-    (args.runs_dir / "summary.json").write_text(text)
-    (args.runs_dir / "report.md").write_text(
-        render(run, results, run_dir, prefix=f"{run_dir.name}/")
-    )
-    point_latest(args.runs_dir, run_dir)
+    (run_dir / "report.md").write_text(render(info, results, run_dir))
+    (runs_dir / "summary.json").write_text(text)
+    (runs_dir / "report.md").write_text(render(info, results, run_dir, prefix=f"{run_dir.name}/"))
+    point_latest(runs_dir, run_dir)
     for row in summary["bars"]:
         print(
             f"{'ok  ' if row['met'] else 'MISS'} {row['check']}: {row['measured']} "
             f"(bar {row['bar']})"
         )
     print(
-        f"report: {run_dir / 'report.md'} ({run['wall_time_s']:.0f} s); "
+        f"report: {run_dir / 'report.md'} ({info['wall_time_s']:.0f} s); "
         f"all bars met: {summary['all_bars_met']}"
     )
     return 0 if summary["all_bars_met"] else 1
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--runs_dir``, ``--smoke`` and ``--only``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cli.quiet_logs()
+    try:
+        status = run(FLAGS.runs_dir, smoke=FLAGS.smoke, only=FLAGS.only)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("runs_dir", "runs", "folder of the runs (one subfolder per run)")
+    flags.DEFINE_bool("smoke", False, "use every config's :smoke variant")
+    flags.DEFINE_list("only", list(SCRIPTS), f"a subset of {','.join(SCRIPTS)}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main)

@@ -12,7 +12,6 @@ true one.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,9 +19,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
+from absl import app
 
 import xent_jax
-from research.common import Workdir, check_config, markdown_table, run_cli
+from research.common import Workdir, check_config, cli, markdown_table
 
 LN2 = math.log(2.0)
 CAT_Q = [0.4, 0.3, 0.1, 0.1]  # "Do you want to learn AI, learn Cross-Entropy First?"
@@ -265,7 +265,7 @@ def rules(config: Any) -> dict[str, tuple]:
     return {"points": (lambda v: 10 <= v <= 100_000, "between 10 and 100000")}
 
 
-def main(config: Any, workdir: str | Path) -> dict[str, Any]:
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Recompute every case and draw the figures; writes config.json, metrics.jsonl (one line
     per case), metrics.json, tables.md and three PNGs to ``workdir``; returns the metrics."""
     check_config(config, rules(config))
@@ -314,7 +314,8 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     out.write_text(
         "tables.md",
         "Seed articles: 000 'Understanding Cross Entropy Loss' (figures only), 001 'Do you want "
-        "to learn AI, learn Cross-Entropy First?', 002 the cars / containers article. Expected "
+        "to learn AI, learn Cross-Entropy First?', 002 'Cross-Entropy Loss Function - How it "
+        "Adjusts Weights' (its main heading; the copy has no title). Expected "
         "values are the articles' printed numbers (bits); tol_bits is half a unit in their "
         f"last digit. All match: {metrics['all_match']} ({metrics['cases']} worked examples, "
         f"{metrics['checks']} checks).\n\n"
@@ -332,5 +333,11 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--config`` and ``--workdir``."""
+    cli.run_main(argv, run, "seed_examples")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "seed_examples"))
+    cli.define_flags("seed_examples")
+    app.run(main, flags_parser=cli.parse_flags)

@@ -12,15 +12,15 @@ common intercept shift is flat) and compared with scikit-learn's multinomial
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
+from absl import app
 
-from research.common import Workdir, check_config, markdown_table, run_cli
+from research.common import Workdir, check_config, cli, markdown_table
 from research.common.data import load_split
 from research.common.linear import plot_convergence
 from research.common.problem import FORMATS, TABLE_COLUMNS, regression_rules, run_dataset
@@ -48,7 +48,7 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {**rows[worst], "solver": worst, "solvers": rows}
 
 
-def main(config: Any, workdir: str | Path) -> dict[str, Any]:
+def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Run every data set; writes config.json, metrics.jsonl, metrics.json, tables.md and
     convergence.png to ``workdir`` and returns the metrics."""
     check_config(config, rules(config))
@@ -107,5 +107,11 @@ def main(config: Any, workdir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def main(argv: list[str]) -> None:
+    """absl entry point: ``run`` on ``--config`` and ``--workdir``."""
+    cli.run_main(argv, run, "softmax_regression")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, "softmax_regression"))
+    cli.define_flags("softmax_regression")
+    app.run(main, flags_parser=cli.parse_flags)

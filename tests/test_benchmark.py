@@ -1,17 +1,21 @@
 """The benchmark harness (research/benchmark.py): a tiny run end to end, its outputs and their
-sanity, the limit model, the CLI, and the no-temporaries property the fast losses rely on."""
+sanity, the limit model, the fused-loss cases and bars, the bar labels on a CPU, and the CLI.
+(The library's own memory properties are in tests/test_memory.py.)"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import optax
 import pytest
 
 import xent_jax
@@ -24,12 +28,13 @@ from research.bench.timing import (
     summary,
     time_interleaved,
 )
-from research.common.config import CONFIG_DIR, load_config
+from research.common import config as research_config
+from research.common.config import REPO_ROOT
 from tests.tolerances import tolerance
 
 
 def get_config(arg=None):
-    return load_config(f"{CONFIG_DIR / 'benchmark.py'}" + (f":{arg}" if arg else ""))
+    return research_config.get_config("benchmark", arg)
 
 
 TINY_SHAPES = {
@@ -49,13 +54,15 @@ def tiny_config():
     config.repeats = 3
     config.warmup = 1
     config.rotation_mib = 0
+    config.fused_bars.shapes = TINY_SHAPES["linear_softmax_int"]
+    config.fused_bars.time = (0.9,)
     return config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")
-    result = benchmark.main(tiny_config(), workdir, argv=["--config", "tiny"])
+    result = benchmark.run(tiny_config(), workdir, argv=["--config", "tiny"])
     return result, workdir
 
 
@@ -154,7 +161,8 @@ def test_csv_and_markdown_match_the_rows(tiny_run):
     ]:
         assert column in table[0], column
     markdown = (workdir / "results.md").read_text()
-    assert "## Speed bars" in markdown
+    assert "## Bars" in markdown
+    assert "fused linear + softmax CE, integer labels: forward + backward" in markdown
     assert "## Reference kernels" in markdown
     assert "softmax CE, integer labels: forward + backward" in markdown
     assert "sigmoid BCE: forward" in markdown
@@ -409,118 +417,234 @@ def test_configs_load_and_quick_is_smaller():
         get_config("nope")
 
 
-def test_cli_rejects_bad_values_before_running(tmp_path, capsys):
-    code = benchmark.cli(
-        ["--config", "configs/benchmark.py:quick", "--config.repeats=0", "--workdir", str(tmp_path)]
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "research.benchmark", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    assert code == 2
-    assert "config.repeats" in capsys.readouterr().err
-    code = benchmark.cli(["--config", "configs/benchmark.py:quick", "--config.losses=nope"])
-    assert code == 2
 
 
-SHAPE = (64, 1024)
+def test_cli_rejects_bad_values_before_running(tmp_path):
+    workdir = tmp_path / "out"
+    proc = _cli(
+        "--config", "configs/benchmark.py:quick", "--config.repeats=0", "--workdir", str(workdir)
+    )
+    assert proc.returncode == 2
+    assert "bad value for 'config.repeats': 0" in proc.stderr
+    assert not workdir.exists()
+    proc = _cli("--config", "configs/benchmark.py:fused", "--config.fused_bars.time=0.9,1,1")
+    assert proc.returncode == 2
+    assert "'config.fused_bars.time'" in proc.stderr
 
 
-def _temp_bytes(fn, *args):
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+# --------------------------------------------------------------------------------------------
+# The fused linear loss against materialising x @ w (make bench-fused).
+# --------------------------------------------------------------------------------------------
+
+FUSED_IMPLS = ("xent_jax[ignore_index]", "xent_jax[half-ignored]")
 
 
-def _softmax_loss(labels, options):
-    def integer(z, y):
-        return xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean", **options)
+@pytest.mark.slow
+def test_tiny_run_times_the_fused_cases_and_reports_their_bars(tiny_run):
+    result, _ = tiny_run
+    rows = [r for r in result["rows"] if r["loss"] == "linear_softmax_int"]
+    seen = {(r["mode"], r["dtype"], r["implementation"]) for r in rows}
+    for mode in cases.MODES:
+        for dtype in ("float32", "bfloat16"):
+            for impl in FUSED_IMPLS:
+                assert (mode, dtype, impl) in seen
+    for row in rows:
+        if row["implementation"] == "xent_jax[half-ignored]":
+            assert row["vs_none_ignored"] > 0
+        else:
+            assert "vs_none_ignored" not in row
+        if row["implementation"] != "xent_jax[unfused]":
+            assert row["vs_unfused"] > 0
+        assert row["temp_bytes"] >= 0
+    bars = {(b["bar"], b["shape"]) for b in result["bars"]}
+    shape = TINY_SHAPES["linear_softmax_int"][0]
+    for dtype in ("float32", "bfloat16"):
+        for base in ("optax", "xent_jax"):
+            assert (f"{dtype} fused fwd+bwd time / materialised ({base})", shape) in bars
+            assert (f"{dtype} fused temporary memory / materialised ({base})", shape) in bars
+        assert (f"{dtype} fused fwd+bwd, half the rows ignored / none ignored", shape) in bars
 
-    def dense(z, t):
-        return xent_jax.softmax_cross_entropy(
-            z, t, reduction="mean", label_smoothing=options.get("label_smoothing", 0.0)
+
+@pytest.mark.slow
+def test_every_bar_has_a_status_that_says_what_a_miss_means(tiny_run):
+    result, workdir = tiny_run
+    backend = result["environment"]["backend"]
+    for bar in result["bars"]:
+        assert bar["status"] == report.bar_status(bar, backend)
+    markdown = (workdir / "results.md").read_text()
+    for bar in result["bars"]:
+        if bar["status"] == "no (CPU: not expected)":
+            assert f"* {bar['bar']}: CPU not expected: " in markdown
+
+
+def test_fused_implementations_agree_with_materialising():
+    """Loss and gradients for x and w of every fused-loss implementation agree with optax on
+    x @ w; the half-ignored call equals the materialised loss with those rows ignored."""
+    group = cases.Group("linear_softmax_int", "float32", (64, 32, 512))
+    inputs = cases.make_inputs(group, 1, seed=11)
+    x, w, y = inputs[0]
+    options = {"ignore_index": -100}
+    reference = cases.jax_function(group, "optax", "fwd_bwd", options)(x, w, y)
+    for impl in ("xent_jax", "xent_jax[unfused]", "jnp", "xent_jax[ignore_index]"):
+        got = cases.jax_function(group, impl, "fwd_bwd", options)(x, w, y)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=impl)
+    (half,) = cases.half_ignored_inputs(inputs, -100, seed=0)
+    got = cases.jax_function(group, "xent_jax[half-ignored]", "fwd_bwd", options)(*half)
+
+    def materialised(x, w):
+        return xent_jax.softmax_cross_entropy_with_integer_labels(
+            x @ w, half[2], ignore_index=-100, reduction="mean"
         )
 
-    return {"integer": integer, "dense": dense}[labels]
+    want = jax.value_and_grad(materialised, argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    valid = half[2] != -100
+    mean = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x[valid] @ w, y[valid]))
+    np.testing.assert_allclose(got[0], mean, rtol=1e-5)
 
 
-def _softmax_inputs(labels, dtype):
-    z = jnp.zeros(SHAPE, cases.DTYPES[dtype])
-    if labels == "integer":
-        return z, jnp.zeros(SHAPE[:1], jnp.int32)
-    return z, jnp.full(SHAPE, 1.0 / SHAPE[1], cases.DTYPES[dtype])
+def test_half_ignored_inputs_ignore_the_same_half_of_the_rows_in_every_set():
+    group = cases.Group("linear_softmax_int", "float32", (10, 4, 16))
+    inputs = cases.make_inputs(group, 3, seed=2)
+    half = cases.half_ignored_inputs(inputs, -7, seed=1)
+    masks = [np.asarray(y) == -7 for _, _, y in half]
+    assert all(mask.sum() == 5 for mask in masks)
+    assert all(np.array_equal(mask, masks[0]) for mask in masks)
+    assert not np.array_equal(masks[0], np.arange(10) >= 5)  # a random half, not the tail
+    for (x, w, y), (hx, hw, hy), mask in zip(inputs, half, masks, strict=True):
+        assert hx is x and hw is w
+        np.testing.assert_array_equal(np.asarray(hy)[~mask], np.asarray(y)[~mask])
 
 
-_DTYPES_AND_OPTIONS = pytest.mark.parametrize(
-    ("dtype", "options"),
-    [
-        ("float32", {}),
-        ("bfloat16", {}),
-        ("float32", dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)),
-        ("bfloat16", dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4)),
-    ],
-)
-_LOGITS_BYTES = SHAPE[0] * SHAPE[1] * 4
+def _fused_rows(shape, fused_ms, optax_ms, unfused_ms, half_ratio, temp):
+    base = dict(loss="linear_softmax_int", mode="fwd_bwd", dtype="float32", shape=shape)
+    return [
+        {
+            **base,
+            "implementation": "xent_jax",
+            "time_ms": fused_ms,
+            "vs_optax": fused_ms / optax_ms,
+            "vs_optax_cpu": 1.0,
+            "vs_unfused": fused_ms / unfused_ms,
+            "vs_unfused_cpu": 1.0,
+            "temp_bytes": temp,
+        },
+        {**base, "implementation": "optax", "time_ms": optax_ms, "temp_bytes": 1024},
+        {**base, "implementation": "xent_jax[unfused]", "time_ms": unfused_ms, "temp_bytes": 512},
+        {**base, "implementation": "xent_jax[ignore_index]", "time_ms": fused_ms},
+        {
+            **base,
+            "implementation": "xent_jax[half-ignored]",
+            "time_ms": fused_ms * half_ratio,
+            "vs_none_ignored": half_ratio,
+            "vs_none_ignored_cpu": half_ratio,
+        },
+    ]
 
 
-@_DTYPES_AND_OPTIONS
-@pytest.mark.parametrize("labels", ["integer", "dense"])
-def test_softmax_gradient_holds_no_logits_sized_temporary(labels, dtype, options):
-    """The gradient reads the logits in fused reductions and writes its result in one pass: no
-    temporary as large as the logits (XLA:CPU writes one out for a `where` in front of a
-    reduction, or for an upcast shared by two passes)."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fusion decisions checked here are XLA:CPU's")
-    fn = _softmax_loss(labels, options)
-    assert _temp_bytes(jax.grad(fn), *_softmax_inputs(labels, dtype)) < _LOGITS_BYTES // 4
+def test_fused_bars_on_synthetic_rows():
+    settings = get_config("fused").fused_bars.to_dict()
+    first, second = settings["shapes"]
+    rows = _fused_rows(first, 85.0, 100.0, 80.0, 0.6, 30) + _fused_rows(
+        second, 99.0, 100.0, 100.0, 0.7, 16
+    )
+    bars = {(b["bar"], b["shape"]): b for b in report.fused_bars(rows, settings, "cpu")}
+    assert len(bars) == 10
+    time_optax = "float32 fused fwd+bwd time / materialised (optax)"
+    time_xent = "float32 fused fwd+bwd time / materialised (xent_jax)"
+    memory_optax = "float32 fused temporary memory / materialised (optax)"
+    memory_xent = "float32 fused temporary memory / materialised (xent_jax)"
+    half = "float32 fused fwd+bwd, half the rows ignored / none ignored"
+    # First shape: 0.85 <= 0.9 against optax, 85/80 > 0.9 against xent_jax's plain loss.
+    assert bars[(time_optax, first)]["pass"] and bars[(time_optax, first)]["target"] == "<= 0.9"
+    assert not bars[(time_xent, first)]["pass"]
+    # Second shape: its own target, 1.0.
+    assert bars[(time_optax, second)]["target"] == "<= 1" and bars[(time_optax, second)]["pass"]
+    # Memory: 30 / 1024 <= 1/32 and 30 / 512 > 1/32; 16 / 512 = 1/32 exactly.
+    assert bars[(memory_optax, first)]["pass"] and not bars[(memory_xent, first)]["pass"]
+    assert bars[(memory_xent, second)]["value"] == pytest.approx(1 / 32)
+    assert bars[(memory_xent, second)]["pass"]
+    assert bars[(memory_optax, first)]["target"].startswith("<= 1/32")
+    assert bars[(half, first)]["pass"] and not bars[(half, second)]["pass"]
+    # On an accelerator: the GPU goal, 1.0x the time at 1/20 of the memory, for both shapes.
+    gpu = {(b["bar"], b["shape"]): b for b in report.fused_bars(rows, settings, "gpu")}
+    assert gpu[(time_xent, first)]["target"] == "<= 1" and not gpu[(time_xent, first)]["pass"]
+    assert gpu[(memory_optax, first)]["pass"]  # 30 / 1024 <= 1/20
+    assert not gpu[(memory_xent, first)]["pass"]  # 30 / 512 > 1/20
+    assert gpu[(memory_xent, first)]["target"].startswith("<= 1/20")
+    # A shape that was not timed has no bars.
+    assert report.fused_bars(rows[:0], settings, "cpu") == []
 
 
-@_DTYPES_AND_OPTIONS
-@pytest.mark.parametrize("labels", ["integer", "dense"])
-def test_softmax_forward_holds_no_logits_sized_temporary(labels, dtype, options):
-    """Counted over the whole program, the careful branch of the ``lax.cond`` included: its
-    buffers are allocated whether or not it runs (reserved device memory on an accelerator)."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fusion decisions checked here are XLA:CPU's")
-    fn = _softmax_loss(labels, options)
-    assert _temp_bytes(fn, *_softmax_inputs(labels, dtype)) < _LOGITS_BYTES // 4
+def test_a_missed_bar_a_cpu_cannot_meet_is_labelled_not_a_bare_no(capsys):
+    missed = {"bar": "float32 fwd+bwd: xent_jax / optax", "pass": False}
+    missed["cpu_not_expected"] = report.CPU_NOT_EXPECTED[missed["bar"]]
+    other = {"bar": "bfloat16 fwd+bwd: options / plain", "pass": False, "cpu_not_expected": None}
+    assert report.bar_status(missed, "cpu") == "no (CPU: not expected)"
+    assert report.bar_status(missed, "gpu") == "**NO**"
+    assert report.bar_status(other, "cpu") == "**NO**"
+    assert report.bar_status({**missed, "pass": True}, "cpu") == "yes"
+    rows = [
+        {
+            "loss": "softmax_int",
+            "mode": mode,
+            "dtype": "float32",
+            "shape": "8x16",
+            "implementation": impl,
+            "time_ms": time_ms,
+            "vs_optax": ratio,
+            "vs_optax_cpu": ratio,
+        }
+        for mode, impl, time_ms, ratio in (
+            ("fwd_bwd", "xent_jax", 9.0, 0.9),
+            ("fwd_bwd", "optax", 10.0, 1.0),
+            ("fwd", "xent_jax", 5.0, 0.5),
+            ("fwd", "optax", 10.0, 1.0),
+        )
+    ]
+    bars = report.all_bars(rows, {"bar_shape": "8x16"}, None, "cpu")
+    statuses = {b["bar"]: b["status"] for b in bars}
+    assert statuses == {
+        "float32 fwd+bwd: xent_jax / optax": "no (CPU: not expected)",
+        "float32 fwd: xent_jax / optax": "yes",
+    }
+    benchmark.print_bars(bars, "cpu")
+    printed = capsys.readouterr().out
+    assert "| float32 fwd+bwd: xent_jax / optax | 8x16 | 0.9 | <= 0.8 (goal 0.6) |" in printed
+    assert "no (CPU: not expected) |" in printed
+    assert "* float32 fwd+bwd: xent_jax / optax: CPU not expected: writing a fresh" in printed
+    assert "**NO**" not in printed
 
 
-def _top_level_float32_arrays(fn, *args) -> list[str]:
-    """Instructions of the compiled entry computation that produce a float32 array of the
-    inputs' shape (the branches of a ``lax.cond`` are separate computations, not counted)."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
-    pattern = "= f32[{},{}]".format(*SHAPE)
-    return [line.strip() for line in entry.splitlines() if pattern in line]
-
-
-_HALF_PRECISION_LOSSES = {
-    "dense": lambda z, t: xent_jax.softmax_cross_entropy(z, t, reduction="mean"),
-    "dense, smoothing": lambda z, t: xent_jax.softmax_cross_entropy(
-        z, t, reduction="mean", label_smoothing=0.1
-    ),
-    "integer": lambda z, t: xent_jax.softmax_cross_entropy_with_integer_labels(
-        z, jnp.zeros(z.shape[:1], jnp.int32), reduction="mean"
-    ),
-    "integer, options": lambda z, t: xent_jax.softmax_cross_entropy_with_integer_labels(
-        z, jnp.zeros(z.shape[:1], jnp.int32), reduction="mean", label_smoothing=0.1, z_loss=1e-4
-    ),
-    "sigmoid": lambda z, t: xent_jax.sigmoid_binary_cross_entropy(z, t, reduction="mean"),
-}
-
-
-@pytest.mark.parametrize("loss", list(_HALF_PRECISION_LOSSES))
-def test_half_precision_forward_writes_no_float32_copy_of_its_inputs(loss):
-    """bfloat16 logits and targets are upcast inside each pass that reads them. A shared upcast
-    is written out as a float32 copy: at 8192x32768 that made the dense-label forward 7x slower
-    than optax and the sigmoid forward 4x slower than a plain jax.numpy one."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fusion decisions checked here are XLA:CPU's")
-    z = jnp.zeros(SHAPE, jnp.bfloat16)
-    t = jnp.full(SHAPE, 1.0 / SHAPE[1], jnp.bfloat16)
-    assert _top_level_float32_arrays(_HALF_PRECISION_LOSSES[loss], z, t) == []
-
-
-def test_sigmoid_gradient_holds_no_logits_sized_temporary():
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fusion decisions checked here are XLA:CPU's")
-    x = jnp.zeros(SHAPE)
-    y = jnp.zeros(SHAPE)
-    fn = lambda x, y: xent_jax.sigmoid_binary_cross_entropy(x, y, reduction="mean")
-    assert _temp_bytes(jax.grad(fn), x, y) < SHAPE[0] * SHAPE[1]
+def test_fused_config_times_the_bars_shapes_and_quick_has_a_small_fused_case():
+    fused = get_config("fused")
+    assert fused.losses == ("linear_softmax_int",) and fused.modes == ("fwd_bwd",)
+    assert fused.dtypes == ("float32",) and fused.repeats >= 5 and fused.warmup >= 1
+    assert tuple(fused.shapes.linear_softmax_int) == ("8192x512x32768", "2048x1024x65536")
+    assert fused.fused_bars.shapes == fused.shapes.linear_softmax_int
+    assert fused.fused_bars.time == (0.9, 1.0)
+    assert fused.fused_bars.memory == 1 / 32 and fused.fused_bars.half_ignored == 0.65
+    assert set(fused.implementations) == {
+        "xent_jax",
+        "xent_jax[ignore_index]",
+        "xent_jax[half-ignored]",
+        "xent_jax[unfused]",
+        "optax",
+    }
+    quick = get_config("quick")
+    assert set(FUSED_IMPLS) <= set(quick.implementations)
+    assert set(quick.fused_bars.shapes) <= set(quick.shapes.linear_softmax_int)
+    for shape in quick.fused_bars.shapes:
+        # At most 1/64 of the work of the bars' shapes: seconds, not minutes.
+        assert math.prod(cases.parse_shape(shape)) <= 8192 * 512 * 32768 // 64

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from research import flax_classifier
-from research.common.config import CONFIG_DIR, load_config
+from research.common import get_config
 
 pytestmark = pytest.mark.slow
 
@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("flax_classifier")
-    config = load_config(f"{CONFIG_DIR}/flax_classifier.py:smoke")
-    return flax_classifier.main(config, workdir), workdir, config
+    config = get_config("flax_classifier", "smoke")
+    return flax_classifier.run(config, workdir), workdir, config
 
 
 def test_writes_every_output(run):

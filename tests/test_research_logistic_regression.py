@@ -5,8 +5,7 @@ import json
 import pytest
 
 from research import logistic_regression
-from research.common import NonFiniteLossError, apply_override
-from research.common.config import CONFIG_DIR, load_config
+from research.common import NonFiniteLossError, get_config
 
 pytestmark = pytest.mark.slow
 
@@ -14,8 +13,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("logistic_regression")
-    config = load_config(f"{CONFIG_DIR}/logistic_regression.py:smoke")
-    return logistic_regression.main(config, workdir), workdir
+    config = get_config("logistic_regression", "smoke")
+    return logistic_regression.run(config, workdir), workdir
 
 
 def test_writes_every_output(run):
@@ -49,15 +48,12 @@ def test_first_order_solver_makes_progress(run):
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_outputs(tmp_path):
-    config = load_config(f"{CONFIG_DIR}/logistic_regression.py:smoke")
-    for key, value in [
-        ("optimizer", "sgd"),
-        ("solvers", "sgd"),
-        ("schedule", "constant"),
-        ("learning_rate", "1e300"),
-    ]:
-        apply_override(config, key, value)
+    config = get_config("logistic_regression", "smoke")
+    config.optimizer = "sgd"
+    config.solvers = ("sgd",)
+    config.schedule = "constant"
+    config.learning_rate = 1e300
     with pytest.raises(NonFiniteLossError, match=r"sgd: loss became (inf|nan) at step \d+"):
-        logistic_regression.main(config, tmp_path)
+        logistic_regression.run(config, tmp_path)
     assert (tmp_path / "config.json").exists()
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

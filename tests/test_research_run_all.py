@@ -16,9 +16,9 @@ REGRESSION = {"objective", "sklearn_objective", "rel_gap", "test_accuracy", "skl
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
-    rc = run_all.main(["--runs_dir", str(runs_dir), "--smoke"])
+    rc = run_all.run(runs_dir, smoke=True)
     first = (runs_dir / "latest").resolve()
-    rc2 = run_all.main(["--runs_dir", str(runs_dir), "--smoke", "--only", "seed_examples"])
+    rc2 = run_all.run(runs_dir, smoke=True, only=["seed_examples"])
     second = (runs_dir / "latest").resolve()
     return runs_dir, (rc, first), (rc2, second)
 
@@ -36,6 +36,8 @@ def test_summary_has_the_issue_keys(runs):
     assert summary["gradcheck"]["max_rel_error_float32"] <= 2e-5
     assert summary["seed_examples"]["all_match"] is True
     assert summary["seed_examples"]["cases"] == 9
+    assert summary["headline_claims"]["all_bars_met"] is True
+    assert len(summary["headline_claims"]["claims"]) == 5
     assert summary["all_bars_met"] is True
     for solver in ("lbfgs", "newton"):
         assert abs(summary["logistic_regression"][solver]["rel_gap"]) <= 1e-6
@@ -54,8 +56,32 @@ def test_report_links_resolve(runs):
         "Flax",
         "Gradient check",
         "Seed articles",
+        "Headline claims (measured in this run)",
     ):
         assert section in report
+
+
+def test_report_opens_with_what_it_shows_and_ends_with_a_conclusion(runs):
+    _, (_, first), _ = runs
+    report = (first / "report.md").read_text()
+    summary = json.loads((first / "summary.json").read_text())
+    opening = report.split("\n\n")[2]
+    assert opening.startswith("This run checks xent_jax")
+    for title in (
+        "Understanding Cross Entropy Loss",
+        "Do you want to learn AI, learn Cross-Entropy First?",
+        "Cross-Entropy Loss Function - How it Adjusts Weights",
+    ):
+        assert title in opening
+    # Figures of this run, not canned text: the Flax accuracy and the fused memory ratio.
+    accuracy = summary["flax_classifier"]["mlp"]["test_accuracy"]
+    assert f"mlp {accuracy:.1%}" in opening
+    assert f"{summary['headline_claims']['fused_memory']['ratio']:.3f}" in opening
+    # The claims come before the bars, the conclusion last, computed from the bars.
+    assert report.index("## Headline claims") < report.index("## Bars")
+    conclusion = report.split("## Conclusion\n\n")[1]
+    bars, scripts = len(summary["bars"]), len(summary["scripts"])
+    assert conclusion.startswith(f"{bars} of {bars} bars met by {scripts} of {scripts} scripts")
 
 
 def test_second_run_keeps_the_first(runs):

@@ -3,7 +3,7 @@
 import pytest
 
 from research import seed_examples
-from research.common.config import CONFIG_DIR, load_config
+from research.common import get_config
 
 pytestmark = pytest.mark.slow
 
@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("seed_examples")
-    config = load_config(f"{CONFIG_DIR}/seed_examples.py:smoke")
-    return seed_examples.main(config, workdir), workdir
+    config = get_config("seed_examples", "smoke")
+    return seed_examples.run(config, workdir), workdir
 
 
 def test_all_worked_examples_match(run):

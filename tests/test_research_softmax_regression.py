@@ -5,7 +5,7 @@ import json
 import pytest
 
 from research import softmax_regression
-from research.common.config import CONFIG_DIR, load_config
+from research.common import get_config
 
 pytestmark = pytest.mark.slow
 
@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("softmax_regression")
-    config = load_config(f"{CONFIG_DIR}/softmax_regression.py:smoke")
-    return softmax_regression.main(config, workdir), workdir
+    config = get_config("softmax_regression", "smoke")
+    return softmax_regression.run(config, workdir), workdir
 
 
 def test_writes_every_output(run):

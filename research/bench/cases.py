@@ -30,6 +30,8 @@ IMPLEMENTATIONS = (
     "xent_jax",
     "xent_jax[options]",
     "xent_jax[unfused]",
+    "xent_jax[ignore_index]",  # fused loss with ignore_index set, no row ignored
+    "xent_jax[half-ignored]",  # the same call with half the rows' labels = ignore_index
     "optax",
     "jnp",
     "jnp[no-shift]",  # a reference point, not a loss: see _no_shift_softmax_int
@@ -211,12 +213,8 @@ def jax_loss(
 
     ``in_place``: the caller donates the logits (only the C++ kernels need to be told).
     """
-    fused = getattr(xent_jax, "linear_softmax_cross_entropy_with_integer_labels", None)
-    if fused is None:
-        try:
-            from xent_jax._fused import linear_softmax_cross_entropy_with_integer_labels as fused
-        except ImportError:
-            fused = None
+    fused = xent_jax.linear_softmax_cross_entropy_with_integer_labels
+    ignore_index = options.get("ignore_index", -100)
     table: dict[tuple[str, str], Callable] = {
         ("softmax_int", "xent_jax"): lambda z, y: (
             xent_jax.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
@@ -261,8 +259,12 @@ def jax_loss(
         hinted = functools.partial(ffi_kernel.make_loss, in_place=in_place, hinted=True)
         table[("softmax_int", "ffi[hinted]")] = hinted()
         table[("softmax_int", "ffi[hinted+options]")] = hinted(**options)
-    if fused is not None:
-        table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
+    table[("linear_softmax_int", "xent_jax")] = lambda x, w, y: fused(x, w, y, reduction="mean")
+    for variant in ("xent_jax[ignore_index]", "xent_jax[half-ignored]"):
+        # One call for both: they differ only in their labels (see half_ignored_inputs).
+        table[("linear_softmax_int", variant)] = lambda x, w, y: fused(
+            x, w, y, reduction="mean", ignore_index=ignore_index
+        )
     return table.get((loss, impl))
 
 
@@ -274,10 +276,29 @@ def supports(group: Group, impl: str) -> bool:
 def jax_function(
     group: Group, impl: str, mode: str, options: dict[str, Any], *, in_place: bool = False
 ) -> Callable | None:
+    """The timed function: the mean loss (``fwd``) or its gradient (``fwd_bwd``); for the fused
+    linear loss the loss and its gradients with respect to ``x`` and ``w``, as a training step
+    needs them."""
     loss = jax_loss(group.loss, impl, options, in_place=in_place)
     if loss is None or mode == "fwd":
         return loss
-    return jax.grad(loss, argnums=(0, 1) if group.linear else 0)
+    if group.linear:
+        return jax.value_and_grad(loss, argnums=(0, 1))
+    return jax.grad(loss)
+
+
+def half_ignored_inputs(
+    inputs: list[tuple[jax.Array, ...]], ignore_index: int, seed: int
+) -> list[tuple[jax.Array, ...]]:
+    """The fused loss's input sets with the labels of half the rows (a random half, the same in
+    every set) set to ``ignore_index``: a batch of which half is padding."""
+    n = inputs[0][2].shape[0]
+    rows = np.random.default_rng(seed).permutation(n)[: n // 2]
+    ignored = np.zeros(n, bool)
+    ignored[rows] = True
+    mask = jnp.asarray(ignored)
+    out = [(x, w, jnp.where(mask, jnp.int32(ignore_index), y)) for x, w, y in inputs]
+    return jax.block_until_ready(out)
 
 
 def reference_kernels(group: Group, backend: str) -> dict[str, Callable]:

@@ -1,11 +1,26 @@
-"""summary.json and the one-page report.md of a ``research.run_all`` run."""
+"""summary.json and the one-page report.md of a ``research.run_all`` run.
+
+The report opens with what the run shows (one clause per script, with its figures), the seed
+articles by title and the library's headline claims as measured rows, then every bar, one
+section per script, and ends with a conclusion computed from the bars and the scripts' status.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from research.common.workdir import markdown_table
+
+# The three articles the project grew from (the third one's copy has no title: its main heading).
+SEED_ARTICLES = (
+    "“Understanding Cross Entropy Loss”",
+    "“Do you want to learn AI, learn Cross-Entropy First?” (Mahesh Pardeshi, 2019)",
+    "“Cross-Entropy Loss Function - How it Adjusts Weights” (the main heading of the third "
+    "article, whose copy carries no title: softmax, the car / bike / plane / boat example, "
+    "three containers of cubes and spheres)",
+)
 
 TITLES = {
     "logistic_regression": "1. Logistic regression (breast cancer) vs scikit-learn",
@@ -13,6 +28,7 @@ TITLES = {
     "flax_classifier": "3. Flax NNX classifiers on digits",
     "gradcheck": "4. Gradient check: autodiff vs closed forms",
     "seed_examples": "5. Seed articles: worked examples and figures",
+    "headline_claims": "Headline claims (measured in this run)",
 }
 REGRESSION_KEYS = (
     "objective",
@@ -51,6 +67,15 @@ def summarize(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in metrics.items() if k != "failures"}
     if name == "seed_examples":
         return {k: metrics[k] for k in ("all_match", "cases", "checks")}
+    if name == "headline_claims":
+        keep = ("claim", "setting", "value", "measured", "bar", "met")
+        return {
+            "all_bars_met": metrics["all_bars_met"],
+            "claims": [{k: row[k] for k in keep} for row in metrics["claims"]],
+            "fused_memory": metrics["fused_memory"],
+            "sharded": metrics["sharded"],
+            "bfloat16": metrics["bfloat16"],
+        }
     return metrics
 
 
@@ -105,6 +130,16 @@ def bars(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": value <= metrics["fd_tolerance"],
             }
         )
+    elif name == "headline_claims":
+        for row in metrics["claims"]:
+            rows.append(
+                {
+                    "check": f"claim: {row['claim']}",
+                    "bar": row["bar"],
+                    "measured": row["measured"],
+                    "met": row["met"],
+                }
+            )
     elif name == "seed_examples":
         rows.append(
             {
@@ -117,10 +152,161 @@ def bars(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _solver_gap(solvers: dict[str, Any]) -> float:
+    """The largest |rel_gap| of the solvers held to the bar (lbfgs, newton)."""
+    return max(abs(solvers[s]["rel_gap"]) for s in ("lbfgs", "newton") if s in solvers)
+
+
+def _finding_logistic(summary: dict[str, Any]) -> str:
+    return (
+        "L-BFGS and Newton on xent_jax's sigmoid cross-entropy reach scikit-learn's "
+        f"logistic-regression objective on breast-cancer data (largest relative gap "
+        f"{_solver_gap(summary):.1e})"
+    )
+
+
+def _finding_softmax(summary: dict[str, Any]) -> str:
+    gap = max(_solver_gap(entry["solvers"]) for entry in summary.values())
+    return (
+        "so do multinomial regressions with the integer-label softmax loss on "
+        f"{' and '.join(summary)} (largest gap {gap:.1e})"
+    )
+
+
+def _finding_flax(summary: dict[str, Any]) -> str:
+    accuracy = {model: entry["test_accuracy"] for model, entry in summary.items()}
+    shown = ", ".join(f"{model} {value:.1%}" for model, value in accuracy.items())
+    return f"Flax NNX classifiers trained with the losses reach {shown} test accuracy on digits"
+
+
+def _finding_gradcheck(summary: dict[str, Any]) -> str:
+    parts = [
+        f"{summary[f'max_rel_error_{dtype}']:.0e} in {dtype}"
+        for dtype in ("float64", "float32")
+        if summary.get(f"max_rel_error_{dtype}") is not None
+    ]
+    return (
+        "jax.grad and jax.hessian of every loss agree with the closed forms to "
+        f"{' and '.join(parts)} (finite differences where there is no closed form: "
+        f"{summary['max_rel_error_finite_difference']:.0e})"
+    )
+
+
+def _finding_seeds(summary: dict[str, Any]) -> str:
+    verdict = "all" if summary["all_match"] else "not all"
+    return (
+        f"{verdict} of the seed articles' {summary['cases']} worked examples are reproduced "
+        f"({summary['checks']} checks, in bits and nats)"
+    )
+
+
+def _finding_claims(summary: dict[str, Any]) -> str:
+    sharded = max(
+        max(case.values()) for case in (summary["sharded"][k] for k in ("fused", "logits"))
+    )
+    bf16 = summary["bfloat16"]
+    return (
+        f"the fused loss takes {summary['fused_memory']['ratio']:.3f} of the temporary memory "
+        f"of materialising the logits, vocab-sharded values and gradients equal one device's to "
+        f"{sharded:.0e} on {summary['sharded']['device_count']} devices, and bfloat16 inputs stay "
+        f"within {max(bf16['plain_xent_jax'], bf16['fused_xent_jax']):.0e} of a float64 "
+        f"reference (optax: {bf16['plain_optax']:.0e})"
+    )
+
+
+FINDINGS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "logistic_regression": _finding_logistic,
+    "softmax_regression": _finding_softmax,
+    "flax_classifier": _finding_flax,
+    "gradcheck": _finding_gradcheck,
+    "seed_examples": _finding_seeds,
+    "headline_claims": _finding_claims,
+}
+
+
+def _bar_count(result: dict[str, Any]) -> tuple[int, int]:
+    bars = result.get("bars", [])
+    return sum(bool(b["met"]) for b in bars), len(bars)
+
+
+def finding(name: str, result: dict[str, Any]) -> str:
+    """One clause saying what a script showed in this run, with its figures."""
+    if result["status"] != "ok":
+        return f"{name} failed ({result['status']})"
+    met, total = _bar_count(result)
+    try:
+        return FINDINGS[name](result["summary"])
+    except (KeyError, TypeError, ValueError):  # a script without a sentence of its own
+        return f"{TITLES.get(name, name)}: {met} of {total} bars met"
+
+
+def opening(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """The opening paragraph: what this run shows, from its results."""
+    clauses = [finding(name, result) for name, result in results.items()]
+    body = "; ".join(clauses)
+    return (
+        f"This run checks xent_jax against independent references on "
+        f"{'the small smoke' if run['smoke'] else 'the default'} configs, "
+        f"{run['backend']} backend. What it shows: {body}. The worked examples come from the "
+        "three seed articles: " + "; ".join(SEED_ARTICLES) + "."
+    )
+
+
+def conclusion(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """The closing paragraph, computed from the bars and the scripts' status."""
+    bars = [row for r in results.values() for row in r.get("bars", [])]
+    met = sum(bool(b["met"]) for b in bars)
+    failed = [n for n, r in results.items() if r["status"] != "ok"]
+    missed = [b for b in bars if not b["met"]]
+    text = (
+        f"{met} of {len(bars)} bars met by {len(results) - len(failed)} of {len(results)} "
+        f"scripts in {run['wall_time_s']:.0f} s."
+    )
+    if not failed and not missed and bars:
+        text += (
+            " Every check of this run holds: on these data and settings the losses, their "
+            "derivatives and the headline claims agree with the references within the stated "
+            "bars."
+        )
+    if missed:
+        shown = "; ".join(f"{b['check']} ({b['measured']}, bar {b['bar']})" for b in missed)
+        text += f" Missed: {shown}."
+    if failed:
+        text += f" Failed: {', '.join(failed)} (their error.txt has the traceback)."
+    if run["smoke"]:
+        text += " Smoke configs are small: the default configs (`make run`) are the run of record."
+    return text
+
+
+def _section(
+    name: str, result: dict[str, Any], run: dict[str, Any], run_dir: Path, prefix: str
+) -> list[str]:
+    folder = f"{prefix}{name}"
+    lines = [f"## {TITLES.get(name, name)}", ""]
+    lines += [
+        f"`python -m research.{name} --config configs/{name}.py"
+        f"{':smoke' if run['smoke'] else ''}` · {result['wall_time_s']:.1f} s · "
+        f"[config.json]({folder}/config.json) · [metrics.json]({folder}/metrics.json) "
+        f"· [metrics.jsonl]({folder}/metrics.jsonl)",
+        "",
+    ]
+    if result["status"] != "ok":
+        lines += [f"**FAILED**: `{result['status']}` — [error.txt]({folder}/error.txt)", ""]
+    tables = run_dir / name / "tables.md"
+    if tables.exists():
+        lines += [tables.read_text().strip(), ""]
+    for png in sorted((run_dir / name).glob("*.png")):
+        lines += [f"![{name}: {png.stem}]({folder}/{png.name})", ""]
+    return lines
+
+
 def render(
     run: dict[str, Any], results: dict[str, dict[str, Any]], run_dir: Path, prefix: str = ""
 ) -> str:
-    """report.md; ``prefix`` is prepended to every link (for a copy outside the run folder)."""
+    """report.md; ``prefix`` is prepended to every link (for a copy outside the run folder).
+
+    Order: what the run shows, the headline claims, every bar, one section per script, the
+    conclusion."""
     all_bars = [row for r in results.values() for row in r.get("bars", [])]
     lines = [
         f"# xent_jax research report — {run['stamp']}",
@@ -129,6 +315,13 @@ def render(
         f"{run['backend']} ({run['devices']}) · configs: "
         f"{'smoke' if run['smoke'] else 'default'} · [summary.json]({prefix}summary.json)",
         "",
+        opening(run, results),
+        "",
+    ]
+    first = [name for name in results if name == "headline_claims"]
+    for name in first:
+        lines += _section(name, results[name], run, run_dir, prefix)
+    lines += [
         "## Bars",
         "",
         markdown_table(all_bars, ["check", "bar", "measured", "met"]) if all_bars else "",
@@ -137,20 +330,7 @@ def render(
     if failed:
         lines += [f"**Scripts that failed:** {', '.join(failed)} (see below).", ""]
     for name, result in results.items():
-        folder = f"{prefix}{name}"
-        lines += [f"## {TITLES.get(name, name)}", ""]
-        lines += [
-            f"`python -m research.{name} --config configs/{name}.py"
-            f"{':smoke' if run['smoke'] else ''}` · {result['wall_time_s']:.1f} s · "
-            f"[config.json]({folder}/config.json) · [metrics.json]({folder}/metrics.json) "
-            f"· [metrics.jsonl]({folder}/metrics.jsonl)",
-            "",
-        ]
-        if result["status"] != "ok":
-            lines += [f"**FAILED**: `{result['status']}` — [error.txt]({folder}/error.txt)", ""]
-        tables = run_dir / name / "tables.md"
-        if tables.exists():
-            lines += [tables.read_text().strip(), ""]
-        for png in sorted((run_dir / name).glob("*.png")):
-            lines += [f"![{name}: {png.stem}]({folder}/{png.name})", ""]
+        if name not in first:
+            lines += _section(name, result, run, run_dir, prefix)
+    lines += ["## Conclusion", "", conclusion(run, results)]
     return "\n".join(lines) + "\n"
