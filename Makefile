@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: run test lint format bench bench-quick clean
+.PHONY: run test lint format bench bench-quick bench-fused clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,15 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix xent_jax research configs tests
 
 ## make bench: the full benchmark; make bench-quick: the same harness, small (< 2 min on 2 CPU cores).
+## make bench-fused: the fused linear loss against materialising x @ w, at the shapes of its bars.
 bench: $(STAMP)
 	$(PY) -m research.benchmark --config configs/benchmark.py
 
 bench-quick: $(STAMP)
 	$(PY) -m research.benchmark --config configs/benchmark.py:quick
+
+bench-fused: $(STAMP)
+	$(PY) -m research.benchmark --config configs/benchmark.py:fused
 
 clean:
 	rm -rf $(VENV) build *.egg-info
