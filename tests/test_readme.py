@@ -88,7 +88,7 @@ def test_quickstart_runs_and_its_stated_values_hold():
     _, expressions = _run(_block_with("import xent_jax"))
     stated = [(value, _STATED_NUMBER.match(comment)) for value, comment in expressions]
     stated = [(value, float(match.group(1)), match.group(1)) for value, match in stated if match]
-    assert len(stated) == 2  # the entropy and cross-entropy examples, in bits
+    assert len(stated) == 1  # the entropy example, in bits
     for value, number, text in stated:
         decimals = len(text.split(".")[1])
         assert abs(float(value) - number) <= 0.5 * 10.0**-decimals, (text, float(value))
@@ -128,3 +128,34 @@ def test_large_vocabulary_example_gives_the_materialised_loss():
         x @ w, labels, reduction="mean"
     )
     np.testing.assert_allclose(namespace["loss"], materialised, **tolerance(jnp.float32))
+
+
+def test_the_porting_section_states_what_the_library_does():
+    section = README.read_text().split("## Porting from", 1)[1].split("\n## ", 1)[0]
+    assert "one-line change" not in README.read_text().replace("Not a one-line change", "")
+    logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.0]])
+    padded = jnp.array([0, -100])
+    # "an unported call on -100-padded labels gives NaN, so pass ignore_index=-100"
+    assert "-100-padded labels gives NaN" in section
+    assert np.isnan(xent_jax.softmax_cross_entropy_with_integer_labels(logits, padded)[1])
+    fixed = xent_jax.softmax_cross_entropy_with_integer_labels(logits, padded, ignore_index=-100)
+    assert np.isfinite(fixed).all() and fixed[1] == 0
+    # "scipy.stats.entropy([3, 1], base=2) is 0.811 there and -4.75 here"
+    assert "is 0.811 there and -4.75 here" in section
+    counts = jnp.array([3.0, 1.0])
+    assert round(float(xent_jax.entropy(counts, base=2)), 2) == -4.75
+    assert round(float(xent_jax.entropy(counts / counts.sum(), base=2)), 3) == 0.811
+    # "sigmoid BCE labels must be floating (optax accepts integer 0/1 labels: cast them)"
+    assert "sigmoid BCE labels must be floating" in section
+    with pytest.raises(TypeError, match="floating"):
+        xent_jax.sigmoid_binary_cross_entropy(jnp.array([0.5, -1.0]), jnp.array([1, 0]))
+    # "The probability losses clip to [1e-7, 1 − 1e-7] silently"
+    assert "clip to [1e-7, 1 − 1e-7]" in section
+    wrong = jnp.array([0.0, 1.0])
+    clipped = xent_jax.binary_cross_entropy(jnp.array([1.5, -0.5]), wrong)
+    at_bounds = xent_jax.binary_cross_entropy(jnp.array([1 - 1e-7, 1e-7]), wrong)
+    np.testing.assert_array_equal(clipped, at_bounds)
+    assert np.isfinite(clipped).all()
+    # "options after the first two arguments are keyword-only"
+    with pytest.raises(TypeError):
+        xent_jax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]), -1)
