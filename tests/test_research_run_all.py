@@ -7,6 +7,7 @@ import re
 import pytest
 
 from research import run_all
+from research.common import report
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +97,30 @@ def test_second_run_keeps_the_first(runs):
     assert links and all(link.startswith(f"{second.name}/") for link in links)
     assert all((runs_dir / link).exists() for link in links)
     assert json.loads((runs_dir / "summary.json").read_text())["run"]["stamp"] == second.name
+
+
+def test_conclusion_and_opening_follow_the_results():
+    info = {"smoke": False, "backend": "cpu", "wall_time_s": 12.0}
+    bar = {"check": "seed examples: every worked example reproduced", "bar": "all match"}
+    results = {
+        "seed_examples": {
+            "status": "ok",
+            "summary": {"all_match": False, "cases": 9, "checks": 18},
+            "bars": [{**bar, "measured": "18 checks, 9 examples", "met": False}],
+        },
+        "gradcheck": {"status": "RuntimeError: boom", "summary": None, "bars": []},
+        "some_new_script": {
+            "status": "ok",
+            "summary": {},
+            "bars": [{"check": "x", "bar": "<= 1", "measured": "0.5", "met": True}],
+        },
+    }
+    text = report.opening(info, results)
+    assert "not all of the seed articles' 9 worked examples are reproduced" in text
+    assert "gradcheck failed (RuntimeError: boom)" in text
+    assert "some_new_script: 1 of 1 bars met" in text
+    text = report.conclusion(info, results)
+    assert text.startswith("1 of 2 bars met by 2 of 3 scripts in 12 s.")
+    assert "Missed: seed examples: every worked example reproduced (18 checks" in text
+    assert "Failed: gradcheck" in text
+    assert "Every check of this run holds" not in text

@@ -168,8 +168,8 @@ def _finding_logistic(summary: dict[str, Any]) -> str:
 def _finding_softmax(summary: dict[str, Any]) -> str:
     gap = max(_solver_gap(entry["solvers"]) for entry in summary.values())
     return (
-        "so do multinomial regressions with the integer-label softmax loss on "
-        f"{' and '.join(summary)} (largest gap {gap:.1e})"
+        "multinomial regressions with the integer-label softmax loss reach scikit-learn's "
+        f"objective on {' and '.join(summary)} (largest gap {gap:.1e})"
     )
 
 
