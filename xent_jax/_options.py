@@ -9,8 +9,8 @@ the same way:
 * ``label_smoothing`` and ``z_loss`` may be traced (arguments of a jitted function) on every
   path. A traced value cannot be range-checked while tracing; an out-of-range one gives NaN
   (loud) instead of a silently wrong loss.
-* ``logit_softcap`` and ``ignore_index`` pick code paths and must be Python numbers (or NumPy
-  scalars): a traced value raises ``TypeError`` on every path.
+* ``logit_softcap``, ``temperature`` and ``ignore_index`` pick code paths and must be Python
+  numbers (or NumPy scalars): a traced value raises ``TypeError`` on every path.
 * ``reduction``, ``class_weights`` (length ``K``) and the numbers' ranges are checked while
   tracing, with messages that name the argument.
 """
@@ -40,6 +40,8 @@ class SoftmaxOptions:
       z_loss: scalar array in the compute dtype (possibly traced), or ``None`` when statically 0.
       logit_softcap: the soft cap ``s > 0`` (a Python float), or ``None``.
       class_weights: ``[K]`` weights in the compute dtype, or ``None``.
+      temperature: ``T > 0`` (a Python float; ``None`` for 1): the softmax sees
+        ``softcap(z) / T``.
     """
 
     reduction: str
@@ -48,10 +50,24 @@ class SoftmaxOptions:
     z_loss: jax.Array | None
     logit_softcap: float | None
     class_weights: jax.Array | None
+    temperature: float | None = None
 
     @property
     def smoothing(self) -> bool:
         return self.label_smoothing is not None
+
+    @property
+    def scale(self) -> float | None:
+        """``1 / T``, the factor on the raw logits, or ``None`` without a temperature."""
+        return None if self.temperature is None else 1.0 / self.temperature
+
+    @property
+    def scaled_softcap(self) -> float | None:
+        """The soft cap of the scaled logits: ``softcap(z) / T = (s / T) tanh((z / T) / (s / T))``,
+        so a temperature is a scale of the logits and of the cap."""
+        if self.logit_softcap is None or self.temperature is None:
+            return self.logit_softcap
+        return self.logit_softcap / self.temperature
 
 
 def _is_traced(value) -> bool:
@@ -121,6 +137,7 @@ def softmax_options(
     class_weights: ArrayLike | None = None,
     z_loss: float | ArrayLike = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> SoftmaxOptions:
     """Validates the options of a softmax cross-entropy call over ``num_classes`` classes.
 
@@ -133,6 +150,7 @@ def softmax_options(
       class_weights: ``[K]`` floats, or ``None``.
       z_loss: a number ``>= 0``, possibly traced.
       logit_softcap: ``None`` or a number ``> 0``.
+      temperature: a number ``> 0``.
 
     Returns:
       The options as a :class:`SoftmaxOptions`.
@@ -148,6 +166,9 @@ def softmax_options(
         logit_softcap = _static_number("logit_softcap", logit_softcap, integer=False)
         if not logit_softcap > 0.0:
             raise ValueError(f"logit_softcap must be > 0 (or None), got {logit_softcap!r}.")
+    temperature = _static_number("temperature", temperature, integer=False)
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
     weights = v.check_class_weights(class_weights, num_classes)
     return SoftmaxOptions(
         reduction=reduction,
@@ -156,4 +177,5 @@ def softmax_options(
         z_loss=_scalar("z_loss", z_loss, dtype, 0.0, None),
         logit_softcap=logit_softcap,
         class_weights=None if weights is None else weights.astype(dtype),
+        temperature=None if temperature == 1.0 else temperature,
     )

@@ -531,6 +531,13 @@ def _prepare(logits: jax.Array, axis: int, where, logit_softcap):
     return prepared.logits, prepared.example_mask, prepared.class_mask
 
 
+def _tempered(logits: jax.Array, options: SoftmaxOptions) -> jax.Array:
+    """``logits / T`` in the compute dtype (the cap is scaled with them: ``scaled_softcap``)."""
+    if options.scale is None:
+        return logits
+    return logits.astype(v.compute_dtype(logits.dtype)) * options.scale
+
+
 def _validity(example_mask: jax.Array | None, row_valid: jax.Array) -> jax.Array:
     return row_valid if example_mask is None else example_mask & row_valid
 
@@ -539,7 +546,8 @@ def dense_loss(
     logits: jax.Array, targets: jax.Array, *, axis: int, where, options: SoftmaxOptions
 ) -> jax.Array:
     """The dense-label loss on checked inputs (``axis`` an int; ``options`` validated)."""
-    z, example_mask, class_mask = _prepare(logits, axis, where, options.logit_softcap)
+    logits = _tempered(logits, options)
+    z, example_mask, class_mask = _prepare(logits, axis, where, options.scaled_softcap)
     if axis != targets.ndim - 1:
         targets = jnp.moveaxis(targets, axis, -1)
     if class_mask is not None:
@@ -559,7 +567,8 @@ def integer_loss(
     logits: jax.Array, labels: ArrayLike, *, axis: int, where, options: SoftmaxOptions
 ) -> jax.Array:
     """The integer-label loss on one device, on checked inputs."""
-    z, example_mask, _ = _prepare(logits, axis, where, options.logit_softcap)
+    logits = _tempered(logits, options)
+    z, example_mask, _ = _prepare(logits, axis, where, options.scaled_softcap)
     num_classes = z.shape[-1]
     weights = options.class_weights
     labels = prepare_integer_labels(
@@ -587,6 +596,7 @@ def softmax_cross_entropy(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: v.Reduction = "none",
 ) -> jax.Array:
     r"""Softmax cross-entropy between logits and dense (one-hot or soft) labels.
@@ -614,6 +624,8 @@ def softmax_cross_entropy(
       class_weights: ``[K]`` weight per class (PyTorch ``weight`` for probability targets).
       z_loss: coefficient of the squared log-normaliser (PaLM's z-loss).
       logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
+      temperature: :math:`T > 0`: the softmax sees the (soft-capped) logits divided by
+        :math:`T` (distillation, sampling-aware RL losses); 1 leaves them as they are.
       reduction: ``"none"`` (per example, shape of ``logits`` without ``axis``), ``"sum"``, or
         ``"mean"`` over valid examples (0.0 when there are none).
 
@@ -643,6 +655,7 @@ def softmax_cross_entropy(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     return dense_loss(logits, targets, axis=axis, where=where, options=options)
 
@@ -658,6 +671,7 @@ def softmax_cross_entropy_with_integer_labels(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: v.Reduction = "none",
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels; never builds a one-hot.
@@ -688,6 +702,8 @@ def softmax_cross_entropy_with_integer_labels(
       class_weights: ``[K]`` weight per class.
       z_loss: coefficient of the squared log-normaliser.
       logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
+      temperature: :math:`T > 0`: the softmax sees the (soft-capped) logits divided by
+        :math:`T` (distillation, sampling-aware RL losses); 1 leaves them as they are.
       reduction: ``"none"`` (shape of ``labels``), ``"sum"`` or ``"mean"``.
 
     Returns:
@@ -718,6 +734,7 @@ def softmax_cross_entropy_with_integer_labels(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     if _mesh.is_explicitly_sharded(logits):
         # Logits laid out over an explicit mesh: each device reduces its own block (shard_map),

@@ -42,13 +42,15 @@ def _softmax_setup(logits, axis, where, **options):
         class_mask = jnp.moveaxis(class_mask, axis, -1)
         # Before the cap: a masked NaN then never reaches the tanh or its derivative.
         x = jnp.where(class_mask, x, -jnp.inf)
-    cap = opts.logit_softcap
+    scale = 1.0 if opts.scale is None else opts.scale
+    x = x * scale  # a temperature T scales the logits by 1 / T (and the cap with them)
+    cap = opts.scaled_softcap
     if cap is None:
-        z, dcap = x, jnp.ones_like(x)
+        z, dcap = x, jnp.full_like(x, scale)
     else:
         t = jnp.tanh(x / cap)
         z = jnp.where(x == -jnp.inf, x, cap * t)
-        dcap = jnp.where(x == -jnp.inf, 0.0, 1 - t * t)
+        dcap = jnp.where(x == -jnp.inf, 0.0, (1 - t * t) * scale)
     return z, dcap, example_mask, class_mask, axis, opts
 
 
@@ -90,6 +92,7 @@ def softmax_cross_entropy_grad(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`xent_jax.softmax_cross_entropy` with respect to the logits.
@@ -110,6 +113,7 @@ def softmax_cross_entropy_grad(
       class_weights: as for the loss.
       z_loss: as for the loss.
       logit_softcap: as for the loss.
+      temperature: as for the loss.
       reduction: as for the loss.
 
     Returns:
@@ -132,6 +136,7 @@ def softmax_cross_entropy_grad(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     label_smoothing, z_loss = _scalars(opts)
     w = opts.class_weights
@@ -160,6 +165,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Gradient of :func:`xent_jax.softmax_cross_entropy_with_integer_labels`.
@@ -182,6 +188,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
       class_weights: as for the loss.
       z_loss: as for the loss.
       logit_softcap: as for the loss.
+      temperature: as for the loss.
       reduction: as for the loss.
 
     Returns:
@@ -204,6 +211,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     label_smoothing, z_loss = _scalars(opts)
     ignore_index, w = opts.ignore_index, opts.class_weights

@@ -22,19 +22,36 @@ from xent_jax._reduction import reduce_loss
 
 
 class LinearCrossEntropyAux(NamedTuple):
-    """Extra per-token outputs of the fused loss, computed in the same pass as the loss.
+    r"""Extra per-token outputs of the fused loss, computed in the same pass as the loss.
+
+    All are taken at the loss's temperature, of the soft-capped, masked logits. ``logsumexp``
+    and ``label_logprob`` are differentiable (their gradients join the loss's in the same
+    backward pass; a z-loss variant or an RL objective can use them); the others carry no
+    gradient.
 
     Attributes:
-      logsumexp: ``[...]`` float32 log-normaliser of each token's (soft-capped, masked) logits;
-        0 where every class is masked.
+      logsumexp: ``[...]`` log-normaliser of each token's logits; 0 for tokens that do not
+        count (masked by ``where``, ignored, or with every class masked).
+      entropy: ``[...]`` entropy (nats) of each token's predicted distribution; 0 for tokens
+        masked by ``where`` or ignored. No gradient (``lax.stop_gradient``).
+      label_logprob: ``[...]`` :math:`\log p_y` of the label; 0 for tokens that do not count,
+        NaN for an invalid label.
       argmax: ``[...]`` int32 index of each token's largest logit (first one on ties).
-      accuracy: scalar float32, the fraction of valid tokens (not masked by ``where``, not
-        ``ignore_index``) whose argmax equals the label; 0 when there are none.
+      accuracy: scalar, the fraction of valid tokens (not masked by ``where``, not
+        ``ignore_index``; weighted by float ``where`` weights) whose argmax equals the label;
+        0 when there are none.
+      weight_sum: scalar, what ``reduction="mean"`` divides the summed loss by (the summed
+        label class weights and token weights of the valid tokens: their number without
+        either). With ``reduction="sum"`` it gives an exact mean over micro-batches or data
+        shards: ``sum of losses / sum of weight_sum``.
     """
 
     logsumexp: jax.Array
+    entropy: jax.Array
+    label_logprob: jax.Array
     argmax: jax.Array
     accuracy: jax.Array
+    weight_sum: jax.Array
 
 
 def _check_precision(precision) -> jax.lax.Precision | None:
@@ -70,7 +87,10 @@ def linear_softmax_cross_entropy_with_integer_labels(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: v.Reduction = "none",
+    normalizer: ArrayLike | None = None,
+    shift: bool = False,
     return_aux: bool = False,
     precision: str | jax.lax.Precision | None = None,
     block_size_tokens: int | None = None,
@@ -109,19 +129,33 @@ def linear_softmax_cross_entropy_with_integer_labels(
       w: ``[D, V]`` output projection.
       labels: ``[...]`` integer labels (the shape of ``x`` without its last axis).
       bias: optional ``[V]`` bias; ``-inf`` entries mask classes.
-      where: boolean mask. With the rank of the logits (``[..., V]``, e.g. ``mask[None, :]``
-        for all tokens) it masks classes; with a lower rank it broadcasts to the batch shape
-        and masks tokens (loss 0, gradient 0, left out of the mean). A class mask that differs
-        per token costs ``N x V`` booleans.
+      where: boolean mask, or per-token float weights. A boolean mask with the rank of the
+        logits (``[..., V]``, e.g. ``mask[None, :]`` for all tokens) masks classes; with a lower
+        rank it broadcasts to the batch shape and masks tokens (loss 0, gradient 0, left out of
+        the mean). A class mask that differs per token costs ``N x V`` booleans. Floats (batch
+        rank at most) weigh each token's loss and gradient; the mean divides by their sum
+        (times the label class weights); a weight of 0 leaves the token out. Weights get no
+        gradient (differentiating them raises).
       ignore_index: label value of tokens to ignore (e.g. ``-100``).
       label_smoothing: :math:`\varepsilon \in [0, 1)`, spread over the available classes.
       class_weights: ``[V]`` weight per class (treated as a constant: no gradient).
       z_loss: coefficient :math:`\lambda_z` of the squared log-normaliser.
       logit_softcap: if set to :math:`s > 0`, logits become :math:`s \tanh(z / s)` first.
+      temperature: :math:`T > 0`: the softmax sees the (soft-capped) logits divided by
+        :math:`T` (distillation, RL); the aux outputs are at that temperature too.
       reduction: ``"none"`` (per token, shape ``[...]``), ``"sum"``, or ``"mean"`` (divided by
         the summed :math:`w_y` of the valid tokens; 0.0 when there are none).
-      return_aux: also return a :class:`LinearCrossEntropyAux` (per-token logsumexp and
-        argmax, and the accuracy), computed in the same pass; aux outputs carry no gradient.
+      normalizer: with ``reduction="mean"``, divide the summed loss by this scalar instead of
+        by the local count: pass the global number of target tokens (or their summed weights)
+        so that micro-batches of different lengths, or data shards of which some are fully
+        padded, give exactly the one-big-batch mean and gradient. May be traced; 0 gives 0.
+      shift: causal language modelling: pass ``x[..., T, D]`` and the tokens ``labels[..., T]``
+        themselves; position ``t`` is scored on token ``t + 1`` and the last position has no
+        target (loss 0, left out of the mean). A token ``where`` (or weights) refers to the
+        tokens, like ``labels``, and moves with them.
+      return_aux: also return a :class:`LinearCrossEntropyAux` (per-token logsumexp, entropy,
+        label log-probability and argmax, the accuracy and the mean's denominator), computed in
+        the same pass as the loss.
       precision: precision of the matrix products (``x @ w`` and the two gradient products),
         as in ``jnp.dot``: ``None`` follows ``jax.default_matmul_precision`` like a plain
         ``x @ w`` does. On GPUs and TPUs that default multiplies float32 inputs in reduced
@@ -169,6 +203,11 @@ def linear_softmax_cross_entropy_with_integer_labels(
         )
     batch_shape, num_classes = x.shape[:-1], w.shape[1]
     cdtype = v.compute_dtype(x.dtype, w.dtype)
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(
+            f"normalizer= replaces the mean's denominator: it needs reduction='mean', got "
+            f"reduction={reduction!r}."
+        )
     options = softmax_options(
         num_classes=num_classes,
         dtype=cdtype,
@@ -178,6 +217,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     precision = _check_precision(precision)
     _check_block("block_size_tokens", block_size_tokens)
@@ -192,11 +232,21 @@ def linear_softmax_cross_entropy_with_integer_labels(
         bias = v.as_float_array("bias", bias)
         if bias.shape != (num_classes,):
             raise ValueError(f"bias must have shape ({num_classes},), got {bias.shape}.")
+    where, token_weights = _token_weights(where, batch_shape)
+    if shift:
+        labels, where, token_weights = _shift_targets(labels, where, token_weights, batch_shape)
     class_mask, example_mask, cmask_kind = split_where_blocked(where, batch_shape, num_classes)
+    if normalizer is not None:
+        # A mean over a given count (global tokens over micro-batches or data shards): the
+        # sum, divided outside the custom VJP so that the count may be traced.
+        normalizer = jnp.asarray(normalizer, cdtype)
+        if normalizer.ndim:
+            raise ValueError(f"normalizer must be a scalar, got shape {normalizer.shape}.")
+        reduction = "sum"
 
     n_total = math.prod(batch_shape)
     if n_total == 0:
-        return _empty_result(batch_shape, reduction, cdtype, return_aux, labels)
+        return _empty_result(batch_shape, options.reduction, cdtype, return_aux)
 
     layout = resolve_layout(x, w, 1, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis)
     _, n_local, v_local = local_sizes(layout, batch_shape, num_classes)
@@ -213,7 +263,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     plan = Plan(
         smoothing=options.smoothing,
         has_z_loss=options.z_loss is not None,
-        softcap=options.logit_softcap,
+        softcap=options.scaled_softcap,
         has_bias=bias is not None,
         has_cw=options.class_weights is not None,
         cmask=cmask_kind,
@@ -233,6 +283,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
         vocab_axes=layout.vocab_axes or None,
         data_axes=layout.data_axes or None,
         precision=precision,
+        scale=options.scale,
     )
     call = Call(
         plan=plan,
@@ -242,34 +293,93 @@ def linear_softmax_cross_entropy_with_integer_labels(
         data_axes=layout.data_axes,
         vocab_axes=layout.vocab_axes,
     )
-    nondiff = nondiff_inputs(labels, example_mask, class_mask, options)
+    nondiff = nondiff_inputs(labels, example_mask, class_mask, options, token_weights)
     if reduction != "none" and kv == 1:
-        loss, lse, arg, valid = reduced_loss(call, x, w, bias, nondiff)
+        loss, *rows = reduced_loss(call, x, w, bias, nondiff)
     else:
-        loss, lse, arg, valid, denw = rows_loss(call, x, w, bias, nondiff)
-        loss = reduce_loss(loss, reduction, denominator_weights=denw)
+        loss, *rows = rows_loss(call, x, w, bias, nondiff)
+        loss = reduce_loss(loss, reduction, denominator_weights=rows[3])
+    if normalizer is not None:
+        loss = safe_divide(loss, normalizer)
     if not return_aux:
         return loss
-    return loss, _make_aux(lse, arg, valid, labels, cdtype)
+    return loss, _make_aux(*rows, labels, token_weights, cdtype)
 
 
-def _make_aux(lse, arg, valid, labels, cdtype) -> LinearCrossEntropyAux:
-    """The aux outputs (no gradient) from the per-token logsumexp, argmax and validity."""
-    lse, arg, valid = (lax.stop_gradient(t) for t in (lse, arg, valid))
-    correct = jnp.sum((arg == labels) & valid, dtype=cdtype)
-    count = jnp.sum(valid, dtype=cdtype)
-    accuracy = safe_divide(correct, count)
-    return LinearCrossEntropyAux(lse.astype(cdtype), arg.astype(jnp.int32), accuracy)
+def _token_weights(where, batch_shape):
+    """(``where`` as a boolean mask, per-token weights or ``None``): a floating ``where`` of
+    the batch's rank weighs tokens (0 leaves a token out, as ``False`` does)."""
+    if where is None:
+        return None, None
+    where = jnp.asarray(where)
+    if not jnp.issubdtype(where.dtype, jnp.floating):
+        return where, None
+    if where.ndim > len(batch_shape):
+        raise TypeError(
+            "a floating where= holds per-token weights, with at most the rank of the batch "
+            f"{batch_shape}; a class mask must be boolean, got {where.dtype} with shape "
+            f"{where.shape}."
+        )
+    v.check_broadcastable("where", where, batch_shape, "the batch (x without its last axis)")
+    weights = jnp.broadcast_to(where, batch_shape)
+    return weights != 0, weights
 
 
-def _empty_result(batch_shape, reduction, cdtype, return_aux, labels):
-    """The result of a call with no tokens or no classes: zeros of the right shapes."""
+def _shift_targets(labels, where, token_weights, batch_shape):
+    """Next-token targets: position t predicts token t + 1 of the last batch axis (time); the
+    last position has no target. ``where`` / weights refer to the tokens and move with them."""
+    if not batch_shape:
+        raise ValueError("shift=True needs x with a time axis: x[..., T, D] and labels[..., T].")
+    time = len(batch_shape) - 1
+    shifted = lambda a, fill: jnp.concatenate(
+        [
+            lax.slice_in_dim(a, 1, None, axis=time),
+            jnp.full_like(lax.slice_in_dim(a, 0, 1, axis=time), fill),
+        ],
+        axis=time,
+    )
+    labels = shifted(labels, 0)
+    has_target = jnp.arange(batch_shape[-1]) < batch_shape[-1] - 1
+    if token_weights is not None:
+        token_weights = shifted(token_weights, 0)
+    mask = jnp.broadcast_to(has_target, batch_shape)
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.ndim == len(batch_shape) + 1:
+            raise ValueError(
+                "shift=True takes a token mask (the rank of labels), not a class mask."
+            )
+        mask = mask & shifted(jnp.broadcast_to(where, batch_shape), False)
+    return labels, mask, token_weights
+
+
+def _make_aux(lse, arg, valid, denw, entropy, label_logprob, labels, token_weights, cdtype):
+    """The aux outputs from the per-token results (argmax, validity and entropy carry no
+    gradient; the logsumexp and the label log-probability do, through the custom VJPs)."""
+    arg, valid, denw, entropy = (lax.stop_gradient(t) for t in (arg, valid, denw, entropy))
+    counted = valid.astype(cdtype) if token_weights is None else jnp.where(valid, token_weights, 0)
+    correct = jnp.sum(jnp.where(arg == labels, counted, 0))
+    accuracy = safe_divide(correct, jnp.sum(counted))
+    # Tokens that do not count get 0, which matches the gradient they pass back (none).
+    lse = jnp.where(valid, lse, 0)
+    return LinearCrossEntropyAux(
+        logsumexp=lse.astype(cdtype),
+        entropy=entropy.astype(cdtype),
+        label_logprob=label_logprob.astype(cdtype),
+        argmax=arg.astype(jnp.int32),
+        accuracy=accuracy,
+        weight_sum=jnp.sum(denw),
+    )
+
+
+def _empty_result(batch_shape, reduction, cdtype, return_aux):
+    """The result of a call with no tokens: zeros of the right shapes."""
     loss = jnp.zeros(batch_shape, cdtype)
     if reduction != "none":
         loss = jnp.zeros((), cdtype)
     if not return_aux:
         return loss
-    aux = LinearCrossEntropyAux(
-        jnp.zeros(batch_shape, cdtype), jnp.zeros(batch_shape, jnp.int32), jnp.zeros((), cdtype)
-    )
+    rows = jnp.zeros(batch_shape, cdtype)
+    scalar = jnp.zeros((), cdtype)
+    aux = LinearCrossEntropyAux(rows, rows, rows, jnp.zeros(batch_shape, jnp.int32), scalar, scalar)
     return loss, aux

@@ -54,6 +54,7 @@ class Plan:
     vocab_axes: tuple[str, ...] | None  # mesh axes the classes are split over (shard_map)
     data_axes: tuple[str, ...] | None  # mesh axes the tokens are split over (shard_map)
     precision: Any = None  # jax.lax.Precision of the three products (None: JAX's default)
+    scale: float | None = None  # 1 / temperature applied to x @ w + bias (None: 1)
 
     @property
     def bn(self) -> int:

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,6 +49,7 @@ def partition_specs(call: Call, nondiff: NonDiffInputs) -> dict:
         class_mask=class_mask_spec,
         label_smoothing=None if nondiff.label_smoothing is None else P(),
         z_loss=None if nondiff.z_loss is None else P(),
+        token_weights=None if nondiff.token_weights is None else P(*batch),
     )
     return {
         "x": P(*batch, None),
@@ -75,8 +77,8 @@ def _grad_specs(specs: dict, bias) -> tuple:
 
 
 def _reduced_specs(specs: dict) -> tuple:
-    """out_specs of ``(loss, lse, argmax, valid)`` of the reduced loss."""
-    return (specs["scalar"], specs["rows"], specs["rows"], specs["rows"])
+    """out_specs of the reduced loss and the six per-token outputs (see :func:`reduced_loss`)."""
+    return (specs["scalar"],) + (specs["rows"],) * 6
 
 
 def shard_mapped(call: Call, local_fn, in_specs, out_specs):
@@ -120,30 +122,24 @@ def _reshard(mesh, array, spec):
 
 
 def _forward_rows(call: Call, x, w, bias, nondiff: NonDiffInputs):
-    """The 8 per-token outputs of :func:`local_forward`, over the mesh."""
+    """The 10 per-token outputs of :func:`local_forward`, over the mesh."""
     specs = partition_specs(call, nondiff)
-    fn = shard_mapped(call, local_forward, _operand_specs(specs, bias), (specs["rows"],) * 8)
+    fn = shard_mapped(call, local_forward, _operand_specs(specs, bias), (specs["rows"],) * 10)
     return fn(x, w, bias, nondiff)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def rows_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
-    """Per-token (loss, lse, argmax, valid, denominator weights); tiles schedule."""
-    return _forward_rows(call, x, w, bias, nondiff)[:5]
+def _aux_coefficients(valid, label_logprob, d_lse, d_logprob):
+    """(probability, label) gradient coefficients from cotangents of the per-token logsumexp
+    (``dlse/dz = p``) and label log-probability (``dlog p_y/dz = e_y - p``); rows that do not
+    count (masked, ignored, invalid labels) pass nothing back."""
+    live = valid & ~jnp.isnan(label_logprob)
+    d_lse = jnp.where(live, d_lse, 0)
+    d_logprob = jnp.where(live, d_logprob, 0)
+    return d_lse - d_logprob, -d_logprob
 
 
-def _rows_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
-    """Forward pass of :func:`rows_loss`: saves the logsumexp and the VJP coefficients."""
-    out = _forward_rows(call, x, w, bias, nondiff)
-    loss, lse, arg, valid, denw, prob_coef, label_coef, smooth_coef = out
-    residuals = (x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef)
-    return (loss, lse, arg, valid, denw), residuals
-
-
-def _rows_loss_bwd(call: Call, residuals, cotangents):
-    """Backward pass of :func:`rows_loss`: recomputes every tile (only the loss has a
-    cotangent that matters; the other outputs carry no gradient)."""
-    x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef = residuals
+def _recompute_grads(call: Call, x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef):
+    """Gradients from per-token coefficients (cotangents folded in): every tile recomputed."""
     specs = partition_specs(call, nondiff)
     fn = shard_mapped(
         call,
@@ -151,8 +147,32 @@ def _rows_loss_bwd(call: Call, residuals, cotangents):
         _operand_specs(specs, bias) + (specs["rows"],) * 5,
         _grad_specs(specs, bias),
     )
-    coefs = (lse, prob_coef, label_coef, smooth_coef)
-    dx, dw, db = fn(x, w, bias, nondiff, *coefs, cotangents[0])
+    return fn(x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef, jnp.ones_like(lse))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def rows_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
+    """Per-token (loss, lse, argmax, valid, denominator weights, entropy, label log-probability);
+    tiles schedule."""
+    return _forward_rows(call, x, w, bias, nondiff)[:7]
+
+
+def _rows_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
+    """Forward pass of :func:`rows_loss`: saves the logsumexp and the VJP coefficients."""
+    out = _forward_rows(call, x, w, bias, nondiff)
+    lse, valid, label_logprob = out[1], out[3], out[6]
+    residuals = (x, w, bias, nondiff, lse, valid, label_logprob, *out[7:])
+    return out[:7], residuals
+
+
+def _rows_loss_bwd(call: Call, residuals, cotangents):
+    """Backward pass of :func:`rows_loss`: recomputes every tile. The loss, the logsumexp and
+    the label log-probability have gradients; argmax, validity, weights and entropy do not."""
+    x, w, bias, nondiff, lse, valid, label_logprob, prob_coef, label_coef, smooth_coef = residuals
+    g, d_lse, d_logprob = cotangents[0], cotangents[1], cotangents[6]
+    aux_prob, aux_label = _aux_coefficients(valid, label_logprob, d_lse, d_logprob)
+    coefs = (g * prob_coef + aux_prob, g * label_coef + aux_label, g * smooth_coef)
+    dx, dw, db = _recompute_grads(call, x, w, bias, nondiff, lse, *coefs)
     return dx, dw, db, None
 
 
@@ -161,7 +181,8 @@ rows_loss.defvjp(_rows_loss_fwd, _rows_loss_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
-    """(reduced loss, lse, argmax, valid); strip schedule, loss only when not differentiated."""
+    """(reduced loss, and per token: lse, argmax, valid, denominator weights, entropy, label
+    log-probability); strip schedule, loss only when not differentiated."""
     specs = partition_specs(call, nondiff)
     fn = shard_mapped(
         call, local_reduced_primal, _operand_specs(specs, bias), _reduced_specs(specs)
@@ -171,19 +192,37 @@ def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
 
 def _reduced_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Forward pass of :func:`reduced_loss`: the loss and its gradients in one pass."""
+    x, w, bias, nondiff = jax.tree.map(
+        lambda p: p.value, (x, w, bias, nondiff), is_leaf=lambda t: isinstance(t, CustomVJPPrimal)
+    )
     specs = partition_specs(call, nondiff)
     out_specs = (_reduced_specs(specs), _grad_specs(specs, bias))
     fn = shard_mapped(call, local_reduced_fwd, _operand_specs(specs, bias), out_specs)
     out, grads = fn(x, w, bias, nondiff)
-    return out, grads
+    lse, valid, label_logprob = out[1], out[3], out[6]
+    return out, (grads, x, w, bias, nondiff, lse, valid, label_logprob)
 
 
-def _reduced_loss_bwd(call: Call, grads, cotangents):
-    """Backward pass of :func:`reduced_loss`: the saved gradients times the cotangent."""
-    g = cotangents[0]
-    dx, dw, db = grads
-    scale = lambda t: None if t is None else (g * t).astype(t.dtype)
-    return scale(dx), scale(dw), scale(db), None
+def _reduced_loss_bwd(call: Call, residuals, cotangents):
+    """Backward pass of :func:`reduced_loss`: the saved gradients times the cotangent, plus,
+    only when the logsumexp or the label log-probability is differentiated too, one pass that
+    recomputes the tiles for their gradients."""
+    grads, x, w, bias, nondiff, lse, valid, label_logprob = residuals
+    g, d_lse, d_logprob = cotangents[0], cotangents[1], cotangents[6]
+    zero = lambda t: isinstance(t, SymbolicZero)
+    if zero(g):
+        grads = tuple(None if t is None else jnp.zeros_like(t) for t in grads)
+    else:
+        grads = tuple(None if t is None else (g * t).astype(t.dtype) for t in grads)
+    if not (zero(d_lse) and zero(d_logprob)):
+        d_lse = jnp.zeros_like(lse) if zero(d_lse) else d_lse
+        d_logprob = jnp.zeros_like(lse) if zero(d_logprob) else d_logprob
+        aux_prob, aux_label = _aux_coefficients(valid, label_logprob, d_lse, d_logprob)
+        extra = _recompute_grads(
+            call, x, w, bias, nondiff, lse, aux_prob, aux_label, jnp.zeros_like(lse)
+        )
+        grads = tuple(None if t is None else t + e for t, e in zip(grads, extra, strict=True))
+    return (*grads, None)
 
 
-reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)
+reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd, symbolic_zeros=True)

@@ -51,6 +51,7 @@ class NonDiffInputs(NamedTuple):
     class_mask: jax.Array | None  # [1, V] or batch shape + [V]
     label_smoothing: jax.Array | None  # scalar (None: off)
     z_loss: jax.Array | None  # scalar (None: off)
+    token_weights: jax.Array | None = None  # batch shape, float (a float ``where``)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -71,7 +72,9 @@ def _constant_jvp(name, primals, tangents):
     return primals[0], tangents[0]
 
 
-def nondiff_inputs(labels, example_mask, class_mask, options: SoftmaxOptions) -> NonDiffInputs:
+def nondiff_inputs(
+    labels, example_mask, class_mask, options: SoftmaxOptions, token_weights=None
+) -> NonDiffInputs:
     """The inputs that receive no gradient; options a caller might differentiate raise if
     they do (see ``_constant``)."""
     guard = lambda name, value: None if value is None else _constant(name, value)
@@ -82,6 +85,7 @@ def nondiff_inputs(labels, example_mask, class_mask, options: SoftmaxOptions) ->
         class_mask=class_mask,
         label_smoothing=guard("label_smoothing", options.label_smoothing),
         z_loss=guard("z_loss", options.z_loss),
+        token_weights=guard("where (token weights)", token_weights),
     )
 
 
@@ -148,14 +152,17 @@ def prepare_rows(call: Call, nondiff: NonDiffInputs, bias) -> BlockedInputs:
         if nondiff.label_smoothing is None
         else nondiff.label_smoothing.astype(plan.cdtype),
         z_loss=None if nondiff.z_loss is None else nondiff.z_loss.astype(plan.cdtype),
+        tw=None
+        if nondiff.token_weights is None
+        else rows_to_blocks(plan, nondiff.token_weights.reshape(n).astype(plan.cdtype), 0),
     )
 
 
 def mean_weights(plan: Plan, inputs: BlockedInputs, valid: jax.Array) -> jax.Array:
-    """Weight of each token in the mean's denominator: its label's class weight, or 1."""
-    if inputs.wy is None:
-        return valid.astype(plan.cdtype)
-    return jnp.where(valid, inputs.wy, 0)
+    """Weight of each token in the mean's denominator: its label's class weight, or 1, times
+    its token weight."""
+    weights = valid.astype(plan.cdtype) if inputs.wy is None else jnp.where(valid, inputs.wy, 0)
+    return weights if inputs.tw is None else weights * inputs.tw
 
 
 def local_forward(call: Call, x, w, bias, nondiff: NonDiffInputs):
@@ -166,7 +173,16 @@ def local_forward(call: Call, x, w, bias, nondiff: NonDiffInputs):
     stats = stats_pass(plan, inputs)
     rows = finish_rows(plan, inputs, stats)
     denw = mean_weights(plan, inputs, rows.valid)
-    out = (rows.loss, rows.lse, stats.arg, rows.valid, denw, *grad_coefficients(rows))
+    out = (
+        rows.loss,
+        rows.lse,
+        stats.arg,
+        rows.valid,
+        denw,
+        rows.entropy,
+        rows.label_logprob,
+        *grad_coefficients(rows),
+    )
     return tuple(blocks_to_rows(plan, o).reshape(batch) for o in out)
 
 
@@ -240,11 +256,13 @@ def _rows_with_a_class(call: Call, bias, nondiff: NonDiffInputs, n: int):
 
 def local_reduced_primal(call: Call, x, w, bias, nondiff: NonDiffInputs):
     """Loss value only (no gradients): the stats pass, then the reduction."""
-    loss, lse, arg, valid, denw, *_ = local_forward(call, x, w, bias, nondiff)
+    loss, lse, arg, valid, denw, entropy, label_logprob, *_ = local_forward(
+        call, x, w, bias, nondiff
+    )
     total, den = jnp.sum(loss), jnp.sum(denw)
     if call.data_axes:
         total, den = lax.psum((total, den), call.data_axes)
-    return _reduce_total(call, total, den), lse, arg, valid
+    return _reduce_total(call, total, den), lse, arg, valid, denw, entropy, label_logprob
 
 
 def safe_divide(numerator, den):
@@ -277,10 +295,13 @@ def local_reduced_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
             den_pre = lax.psum(den_pre, call.data_axes)
         scale = safe_divide(1, den_pre)
     row_scale = jnp.broadcast_to(scale, (plan.kn, plan.bn))
-    (loss, lse, valid, arg), (dx4, dw4, db3) = strip_pass(plan, inputs, row_scale, True, True)
-    total, den = jnp.sum(loss), jnp.sum(mean_weights(plan, inputs, valid))
+    out, (dx4, dw4, db3) = strip_pass(plan, inputs, row_scale, True, True)
+    loss, lse, valid, arg, entropy, label_logprob = out
+    denw = mean_weights(plan, inputs, valid)
+    total, den = jnp.sum(loss), jnp.sum(denw)
     if call.data_axes:
         total, den = lax.psum((total, den), call.data_axes)
-    rows = tuple(blocks_to_rows(plan, o).reshape(batch) for o in (lse, arg, valid))
+    per_row = (lse, arg, valid, denw, entropy, label_logprob)
+    rows = tuple(blocks_to_rows(plan, o).reshape(batch) for o in per_row)
     grads = _finish_grads(call, x, w, bias, dx4, dw4, db3)
     return (_reduce_total(call, total, den), *rows), grads

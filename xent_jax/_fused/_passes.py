@@ -147,6 +147,8 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
         jnp.zeros(shape, plan.cdtype),  # lse
         jnp.zeros(shape, jnp.bool_),  # valid
         jnp.zeros(shape, jnp.int32),  # argmax
+        jnp.zeros(shape, plan.cdtype),  # entropy (aux)
+        jnp.zeros(shape, plan.cdtype),  # label log-probability (aux)
     )
     dummy = jnp.zeros((plan.bn,), plan.cdtype)
 
@@ -165,6 +167,7 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
             dummy,
             jnp.full((plan.bn,), -jnp.inf, plan.cdtype),
             jnp.zeros((plan.bn,), jnp.int32),
+            dummy,
         )
         stats = Stats(*update_stats(plan, fresh, masked_logits, labels, classes, class_weights))
         stats = combine_stats(plan, stats)
@@ -173,6 +176,7 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
             keep=take_block(inputs.keep, i, single_i),
             invalid=take_block(inputs.invalid, i, single_i),
             wy=take_block(inputs.wy, i, single_i),
+            tw=take_block(inputs.tw, i, single_i),
         )
         rows = finish_rows(plan, block_inputs, stats)
         scale = jnp.where(rows.grad_ok, take_block(row_scale, i, single_i), 0)
@@ -202,7 +206,7 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
             )
         if db is not None:
             db = db + jnp.sum(du, axis=0)
-        new = (rows.loss, rows.lse, rows.valid, stats.arg)
+        new = (rows.loss, rows.lse, rows.valid, stats.arg, rows.entropy, rows.label_logprob)
         out = tuple(put_block(o, r, i, single_i) for o, r in zip(out, new, strict=True))
         return dx4, dw, db, out
 

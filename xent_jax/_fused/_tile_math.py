@@ -34,6 +34,7 @@ class BlockedInputs(NamedTuple):
     cmask: jax.Array | None  # shared: [kv, 1, bv]; rows: [kn, kv, bn, bv]; padding: [kv, 1, bv]
     eps: jax.Array | None  # label smoothing (scalar, compute dtype)
     z_loss: jax.Array | None  # z-loss coefficient (scalar, compute dtype)
+    tw: jax.Array | None = None  # [kn, bn] per-token weights (float ``where``)
 
 
 class Stats(NamedTuple):
@@ -47,6 +48,7 @@ class Stats(NamedTuple):
     swz: jax.Array  # sum of w_c (z_c - shift(m)) over available classes (smoothing only)
     best: jax.Array  # max logit (argmax only)
     arg: jax.Array  # global class of the max logit (argmax only)
+    ez: jax.Array  # sum of exp(z - shift(m)) (z - shift(m)) over available classes (aux only)
 
 
 class _Rows(NamedTuple):
@@ -59,6 +61,8 @@ class _Rows(NamedTuple):
     prob_coef: jax.Array  # coefficient of p_c in dL/dz_c (per unit cotangent)
     label_coef: jax.Array  # coefficient of the label one-hot
     smooth_coef: jax.Array  # coefficient of w_c (smoothing)
+    entropy: jax.Array  # entropy of the softmax (aux only; 0 otherwise)
+    label_logprob: jax.Array  # log p_y (aux only; 0 otherwise)
 
 
 def _shift(m: jax.Array) -> jax.Array:
@@ -89,6 +93,8 @@ def transform_logits(plan: Plan, inputs: BlockedInputs, raw_logits: jax.Array, j
     logits = raw_logits
     if inputs.bias is not None:
         logits = logits + take_block(inputs.bias, j, plan.kv == 1).astype(plan.cdtype)[None, :]
+    if plan.scale is not None:
+        logits = logits * plan.scale  # a temperature: the cap in the plan is scaled alike
     if plan.softcap is not None:
         cap = plan.softcap
         # A class masked by a -inf bias stays -inf (tanh would turn it into an available -cap).
@@ -110,6 +116,7 @@ def init_stats(plan: Plan) -> Stats:
         swz=zeros(),
         best=jnp.full(shape, -jnp.inf, plan.cdtype),
         arg=jnp.zeros(shape, jnp.int32),
+        ez=zeros(),
     )
 
 
@@ -117,12 +124,19 @@ def update_stats(
     plan: Plan, stats: tuple, masked_logits: jax.Array, labels, tile_classes, tile_class_weights
 ) -> tuple:
     """Folds one tile into the running statistics of its rows (tuples of ``[bn]``)."""
-    m, s, zy, k, sw, swz, best, arg = stats
+    m, s, zy, k, sw, swz, best, arg, ez = stats
     m_new = jnp.maximum(m, jnp.max(masked_logits, axis=-1))
     shift = _shift(m_new)
     shifted = masked_logits - shift[:, None]
+    exps = jnp.exp(shifted)
+    rescale = jnp.exp(m - shift)
+    if plan.aux:
+        # sum exp(z - s) (z - s) moved from the old shift to the new one, then this tile's terms
+        # (-inf logits contribute 0, not 0 * -inf).
+        ez = rescale * (ez + (_shift(m) - shift) * s)
+        ez = ez + jnp.sum(jnp.where(masked_logits == -jnp.inf, 0, exps * shifted), axis=-1)
     # Online logsumexp: rescale the old sum to the new max, so no exp ever exceeds 1.
-    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(shifted), axis=-1)
+    s = s * rescale + jnp.sum(exps, axis=-1)
     is_label = tile_classes[None, :] == labels[:, None]
     zy = zy + jnp.sum(jnp.where(is_label, masked_logits, 0), axis=-1)
     if plan.smoothing:
@@ -144,7 +158,7 @@ def update_stats(
         better = tile_best > best
         best = jnp.where(better, tile_best, best)
         arg = jnp.where(better, tile_arg, arg)
-    return m_new, s, zy, k, sw, swz, best, arg
+    return m_new, s, zy, k, sw, swz, best, arg, ez
 
 
 def combine_stats(plan: Plan, stats: Stats) -> Stats:
@@ -155,20 +169,24 @@ def combine_stats(plan: Plan, stats: Stats) -> Stats:
     m_global = lax.pmax(stats.m, axes)
     shift_global = _shift(m_global)
     # Rescale each shard's sum to the global max before adding (no exp exceeds 1).
-    s = stats.s * jnp.exp(stats.m - shift_global)
+    rescale = jnp.exp(stats.m - shift_global)
+    s = stats.s * rescale
+    ez = stats.ez
+    if plan.aux:
+        ez = rescale * (ez + (_shift(stats.m) - shift_global) * stats.s)
     zy = stats.zy
     k, sw, swz = stats.k, stats.sw, stats.swz
     if plan.smoothing:
         # Re-reference to the global shift; a shard whose max is -inf has sw = 0 (no NaN).
         swz = swz + jnp.where(stats.m == -jnp.inf, 0, sw * (_shift(stats.m) - shift_global))
-    s, zy, k, sw, swz = lax.psum((s, zy, k, sw, swz), axes)
+    s, zy, k, sw, swz, ez = lax.psum((s, zy, k, sw, swz, ez), axes)
     best, arg = stats.best, stats.arg
     if plan.aux:
         best_global = lax.pmax(best, axes)
         # The smallest class among the shards that hold the max: the first one on ties.
         arg = lax.pmin(jnp.where(best == best_global, arg, jnp.iinfo(jnp.int32).max), axes)
         best = best_global
-    return Stats(m_global, s, zy, k, sw, swz, best, arg)
+    return Stats(m_global, s, zy, k, sw, swz, best, arg, ez)
 
 
 def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
@@ -182,6 +200,11 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
     # only lse's ulp: 7.6e-6 for a true 8.4e-6 at logits [90, 78, 77]).
     log_sum = jnp.log(jnp.where(row_ok, stats.s, 1))
     nll = jnp.where(row_ok, (_shift(stats.m) - stats.zy) + log_sum, lse - stats.zy)
+    entropy = label_logprob = jnp.zeros_like(lse)
+    if plan.aux:
+        # H = lse - E_p[z] = log S - (sum exp(z - s)(z - s)) / S, both relative to the shift.
+        entropy = jnp.where(row_ok, log_sum - stats.ez / jnp.where(row_ok, stats.s, 1), 0)
+        label_logprob = -nll
     if inputs.wy is not None:
         nll = nll * inputs.wy
     loss = nll
@@ -199,10 +222,18 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
         loss = loss + inputs.z_loss * jnp.square(lse)
         prob_coef = prob_coef + 2.0 * inputs.z_loss * lse
     valid = inputs.keep & row_ok
+    if inputs.tw is not None:
+        # Per-token weights scale the loss and every coefficient of its gradient alike.
+        loss, prob_coef = loss * inputs.tw, prob_coef * inputs.tw
+        label_coef, smooth_coef = label_coef * inputs.tw, smooth_coef * inputs.tw
     loss = jnp.where(inputs.invalid, jnp.nan, loss)
     loss = jnp.where(valid, loss, 0)
     grad_ok = valid & ~inputs.invalid
-    return _Rows(loss, lse, valid, grad_ok, prob_coef, label_coef, smooth_coef)
+    label_logprob = jnp.where(inputs.invalid, jnp.nan, jnp.where(valid, label_logprob, 0))
+    entropy = jnp.where(inputs.keep, entropy, 0)
+    return _Rows(
+        loss, lse, valid, grad_ok, prob_coef, label_coef, smooth_coef, entropy, label_logprob
+    )
 
 
 def grad_coefficients(rows: _Rows) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -239,6 +270,8 @@ def tile_grad(
         # where the formula would give 0 * -inf or 0 * NaN = NaN.
         dcap = 1.0 - jnp.square(masked_logits / plan.softcap)
         du = du * jnp.where(masked_logits == -jnp.inf, 1.0, dcap)
+    if plan.scale is not None:
+        du = du * plan.scale  # the derivative of the temperature's scaling
     # Rows without a gradient stay exactly 0, even where their logits are NaN or inf.
     live = (prob_coef != 0) | (label_coef != 0) | (smooth_coef != 0)
     return jnp.where(live[:, None], du, 0)

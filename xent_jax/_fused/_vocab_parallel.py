@@ -53,7 +53,7 @@ def _logits_call(layout: Layout, batch_shape, num_classes: int, options, masks, 
     plan = Plan(
         smoothing=options.smoothing,
         has_z_loss=options.z_loss is not None,
-        softcap=options.logit_softcap,
+        softcap=options.scaled_softcap,
         has_bias=False,
         has_cw=options.class_weights is not None,
         cmask=cmask_kind,
@@ -193,6 +193,7 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
     class_weights: ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    temperature: float = 1.0,
     reduction: v.Reduction = "none",
     mesh: Any = None,
     vocab_axis: str | tuple[str, ...] | None = None,
@@ -227,6 +228,7 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
       class_weights: ``[K]`` weight per class.
       z_loss: coefficient of the squared log-normaliser.
       logit_softcap: soft cap :math:`s`: logits become :math:`s \tanh(z / s)` first.
+      temperature: :math:`T > 0`: the softmax sees the (soft-capped) logits divided by :math:`T`.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       mesh: the mesh (default: read from the logits' sharding, or the current mesh).
       vocab_axis: mesh axes the classes are split over (default: from the logits' sharding).
@@ -259,6 +261,7 @@ def vocab_parallel_softmax_cross_entropy_with_integer_labels(
         class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
+        temperature=temperature,
     )
     return vocab_parallel_integer_loss(
         logits,
@@ -297,6 +300,8 @@ def vocab_parallel_integer_loss(
         v.check_broadcastable("where", mask, logits.shape, "logits")
         mask = jnp.moveaxis(jnp.broadcast_to(mask, logits.shape), axis, -1)
     z = jnp.moveaxis(logits, axis, -1)
+    if options.scale is not None:
+        z = z * options.scale  # a temperature scales the logits (and the cap, in the plan)
     masks = split_where_blocked(mask, batch_shape, num_classes)
     cdtype = np.dtype(v.compute_dtype(z.dtype))
     if math.prod(batch_shape) == 0:
