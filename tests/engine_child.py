@@ -83,6 +83,27 @@ def main() -> dict:
             _error(lambda: vocab_parallel(z, labels, mesh="model", vocab_axis="v")),
             _error(lambda: vocab_parallel(z, labels, mesh=mesh, vocab_axis="v", batch_axis="v")),
         ]
+    # Issue 16: a vocabulary that the mesh does not divide (19 classes over 4 devices) is padded
+    # inside the loss; padded columns take no probability or smoothing mass.
+    x = jnp.asarray(rng.normal(size=(6, 5)))
+    w = jnp.asarray(rng.normal(size=(5, 19)))
+    y = jnp.asarray([0, 18, 3, 7, 18, 11])
+    uneven = {"label_smoothing": 0.1, "z_loss": 0.01, "class_weights": jnp.linspace(0.5, 2, 19)}
+    fused = xent_jax.linear_softmax_cross_entropy_with_integer_labels
+
+    auto_mesh = jax.make_mesh((4,), ("v",), axis_types=(AxisType.Auto,))
+    sharded_kw = {"mesh": auto_mesh, "vocab_axis": "v"}
+    value_and_grads = lambda f: jax.tree.leaves(jax.value_and_grad(f, argnums=(0, 1))(x, w))
+    reference = value_and_grads(lambda x, w: fused(x, w, y, reduction="mean", **uneven))
+    candidates = {
+        "uneven_fused": lambda x, w: fused(x, w, y, reduction="mean", **uneven, **sharded_kw),
+        "uneven_vocab_parallel": lambda x, w: vocab_parallel(
+            x @ w, y, reduction="mean", **uneven, **sharded_kw
+        ),
+    }
+    for name, candidate in candidates.items():
+        pairs = zip(value_and_grads(candidate), reference, strict=True)
+        out[name] = max(_gap(a, b) for a, b in pairs)
     return out
 
 

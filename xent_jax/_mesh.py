@@ -175,6 +175,15 @@ def resolve_layout(
     return Layout(mesh, batch_spec, vocab_axes, 1)
 
 
+def vocab_padding(layout: Layout, num_classes: int) -> int:
+    """Classes to add so that the mesh axes the vocabulary is split over divide it (50257
+    classes over 4 devices: 3). Explicitly sharded arrays are always divisible (JAX refuses
+    uneven explicit shardings); this is for ``mesh=`` / ``vocab_axis=`` on plain arrays."""
+    if layout.mesh is None:
+        return 0
+    return -num_classes % axes_size(layout.mesh, layout.vocab_axes)
+
+
 def local_sizes(layout: Layout, batch_shape: tuple[int, ...], num_classes: int):
     """(local batch shape, local tokens, local classes) of one device under ``layout``."""
     if layout.mesh is None:

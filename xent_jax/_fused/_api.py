@@ -3,6 +3,7 @@ the strip and the tiles schedule (see the package docstring)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -13,10 +14,16 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
-from xent_jax._fused._blocks import Plan, default_blocks, split_axis, split_where_blocked
+from xent_jax._fused._blocks import (
+    Plan,
+    default_blocks,
+    pad_class_mask,
+    split_axis,
+    split_where_blocked,
+)
 from xent_jax._fused._custom_vjp import reduced_loss, rows_loss
 from xent_jax._fused._local import Call, nondiff_inputs, safe_divide
-from xent_jax._mesh import local_sizes, resolve_layout
+from xent_jax._mesh import local_sizes, resolve_layout, vocab_padding
 from xent_jax._options import softmax_options
 from xent_jax._reduction import reduce_loss
 
@@ -121,7 +128,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     Arrays sharded with a ``NamedSharding`` work under plain ``jax.jit``: ``w`` split along
     ``V`` (vocab-parallel) and/or ``x`` / ``labels`` split along tokens (data-parallel) give the
     single-device values and gradients, and no device ever holds more than its own block of
-    logits (see :mod:`xent_jax._sharded`).
+    logits; a vocabulary the mesh does not divide is padded inside the loss.
 
     Args:
       x: ``[..., D]`` inputs (hidden states), any float dtype; bfloat16 / float16 are multiplied
@@ -249,11 +256,22 @@ def linear_softmax_cross_entropy_with_integer_labels(
         return _empty_result(batch_shape, options.reduction, cdtype, return_aux)
 
     layout = resolve_layout(x, w, 1, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis)
-    _, n_local, v_local = local_sizes(layout, batch_shape, num_classes)
+    pad = vocab_padding(layout, num_classes)
+    if pad:
+        # The mesh does not divide the vocabulary: padding columns, masked out, so that they
+        # take no probability or smoothing mass and match no label (pad's gradient slices).
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+        bias = None if bias is None else jnp.pad(bias, (0, pad))
+        class_mask, cmask_kind = pad_class_mask(class_mask, cmask_kind, num_classes, pad)
+        if options.class_weights is not None:
+            padded_weights = jnp.pad(options.class_weights, (0, pad))
+            options = dataclasses.replace(options, class_weights=padded_weights)
+    padded_total = num_classes + pad
+    _, n_local, v_local = local_sizes(layout, batch_shape, padded_total)
     # Block sizes are global: on a mesh each device holds its share of a block.
-    bn_max, bv_max = default_blocks(n_total, num_classes, reduction)
+    bn_max, bv_max = default_blocks(n_total, padded_total, reduction)
     bn_max = max(1, (block_size_tokens or bn_max) * n_local // n_total)
-    bv_max = max(1, (block_size_vocab or bv_max) * v_local // num_classes)
+    bv_max = max(1, (block_size_vocab or bv_max) * v_local // padded_total)
     factor = layout.auto_factor if layout.mesh is None else 1
     pn, kn, bc = split_axis(n_local, bn_max, factor)
     pv, kv, tc = split_axis(v_local, bv_max, factor)

@@ -260,6 +260,16 @@ def fori(n: int, body, carry):
     return lax.fori_loop(0, n, body, carry)
 
 
+def pad_class_mask(class_mask, kind: str | None, num_classes: int, pad: int):
+    """(class mask, kind) with ``pad`` unavailable classes appended: padding columns that a
+    vocabulary split over a mesh needs, which take no probability and match no label."""
+    if class_mask is None:
+        shared = jnp.arange(num_classes + pad) < num_classes
+        return shared[None, :], "shared"
+    widths = [(0, 0)] * (class_mask.ndim - 1) + [(0, pad)]
+    return jnp.pad(class_mask, widths, constant_values=False), kind
+
+
 def split_where_blocked(where, batch_shape: tuple[int, ...], num_classes: int):
     """(class mask as [1, V] or batch + [V], example mask of the batch shape, mask kind)."""
     mask = v.as_mask("where", where)

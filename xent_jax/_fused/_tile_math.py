@@ -3,8 +3,8 @@ statistics it updates, the per-token loss and VJP coefficients derived from the 
 statistics, and the gradient of the tile's logits.
 
 Every function here sees one tile (or the final per-token statistics); the loops over blocks
-and tiles are in :mod:`xent_jax._fused._passes`. :mod:`xent_jax._sharded` reuses these functions
-on logits that are already materialised (one tile per device).
+and tiles are in :mod:`xent_jax._fused._passes`; :mod:`xent_jax._fused._vocab_parallel` reuses
+them on logits that are already materialised (one tile per device).
 """
 
 from __future__ import annotations

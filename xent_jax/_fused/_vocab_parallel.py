@@ -12,6 +12,7 @@ parallelism, the ``[D, V]`` gradient of the weights (summed over the token shard
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -24,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from xent_jax import _validation as v
-from xent_jax._fused._blocks import Plan, split_where_blocked
+from xent_jax._fused._blocks import Plan, pad_class_mask, split_where_blocked
 from xent_jax._fused._custom_vjp import partition_specs, shard_mapped
 from xent_jax._fused._local import Call, mean_weights, nondiff_inputs, prepare_rows
 from xent_jax._fused._tile_math import (
@@ -37,7 +38,7 @@ from xent_jax._fused._tile_math import (
     transform_logits,
     update_stats,
 )
-from xent_jax._mesh import Layout, local_sizes, resolve_layout, spec_entry
+from xent_jax._mesh import Layout, local_sizes, resolve_layout, spec_entry, vocab_padding
 from xent_jax._options import SoftmaxOptions, softmax_options
 from xent_jax._reduction import reduce_loss
 
@@ -46,9 +47,12 @@ from xent_jax._reduction import reduce_loss
 # ----------------------------------------------------------------------------------------------
 
 
-def _logits_call(layout: Layout, batch_shape, num_classes: int, options, masks, cdtype) -> Call:
-    """The static description of a call on logits whose classes are split over the mesh."""
-    _, n, v_local = local_sizes(layout, batch_shape, num_classes)
+def _logits_call(
+    layout: Layout, batch_shape, num_classes: int, options, masks, cdtype, pad: int
+) -> Call:
+    """The static description of a call on logits whose classes (``num_classes`` and ``pad``
+    padding columns) are split over the mesh."""
+    _, n, v_local = local_sizes(layout, batch_shape, num_classes + pad)
     _, example_mask, cmask_kind = masks
     plan = Plan(
         smoothing=options.smoothing,
@@ -313,7 +317,19 @@ def vocab_parallel_integer_loss(
         raise ValueError(
             "the logits carry no explicit sharding: pass mesh= and vocab_axis= (and batch_axis=)"
         )
-    call = _logits_call(layout, batch_shape, num_classes, options, masks, cdtype)
+    pad = vocab_padding(layout, num_classes)
+    if pad:
+        # The mesh does not divide the classes: -inf columns, which take no probability or
+        # smoothing mass and match no label (pad's gradient slices them off again).
+        z = jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+        class_mask, example_mask, kind = masks
+        if class_mask is not None:
+            class_mask, kind = pad_class_mask(class_mask, kind, num_classes, pad)
+        if options.class_weights is not None:
+            padded_weights = jnp.pad(options.class_weights, (0, pad))
+            options = dataclasses.replace(options, class_weights=padded_weights)
+        masks = (class_mask, example_mask, kind)
+    call = _logits_call(layout, batch_shape, num_classes, options, masks, cdtype, pad)
     class_mask, example_mask, _ = masks
     nondiff = nondiff_inputs(labels, example_mask, class_mask, options)
     loss, _, _, denw, *_ = _logits_rows(call, z, nondiff)
