@@ -78,7 +78,7 @@ def _after_quickstart(marker: str) -> tuple[dict, list]:
 
 
 def test_every_python_block_of_the_readme_is_checked_here():
-    markers = ("import xent_jax", "@xent_jax.checked", "linear_softmax_cross_entropy")
+    markers = ("import xent_jax", "@xent_jax.checked", "value_and_grad", "shift=True")
     assert len(_blocks()) == len(markers)
     for marker in markers:
         _block_with(marker)
@@ -119,7 +119,7 @@ def test_the_hard_error_example_raises_the_error_it_prints():
 
 @pytest.mark.slow
 def test_large_vocabulary_example_gives_the_materialised_loss():
-    namespace, _ = _after_quickstart("linear_softmax_cross_entropy")
+    namespace, _ = _after_quickstart("value_and_grad")
     x, w, labels = namespace["x"], namespace["w"], namespace["labels"]
     dx, dw = namespace["grads"]
     assert dx.shape == x.shape and dw.shape == w.shape
@@ -159,3 +159,21 @@ def test_the_porting_section_states_what_the_library_does():
     # "options after the first two arguments are keyword-only"
     with pytest.raises(TypeError):
         xent_jax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]), -1)
+
+
+def test_language_model_example_states_what_it_computes():
+    namespace, expressions = _after_quickstart("shift=True")
+    (weight_sum, weight_comment), (entropy_shape, _) = expressions
+    assert float(weight_sum) == 25.0 and weight_comment.startswith("# 25 target tokens")
+    assert entropy_shape == (2, 16)
+    hidden, tokens, w_out = namespace["hidden"], namespace["tokens"], namespace["w_out"]
+    padding = namespace["padding"]
+    # Position t scored on token t + 1, where token t + 1 is real: the materialised loss.
+    materialised = xent_jax.softmax_cross_entropy_with_integer_labels(
+        hidden[:, :-1] @ w_out,
+        tokens[:, 1:],
+        where=padding[:, 1:],
+        z_loss=1e-4,
+        reduction="mean",
+    )
+    np.testing.assert_allclose(namespace["loss"], materialised, **tolerance(jnp.float32))
