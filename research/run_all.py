@@ -29,6 +29,7 @@ from research import (
     flax_classifier,
     gradcheck,
     headline_claims,
+    language_model,
     logistic_regression,
     seed_examples,
     softmax_regression,
@@ -46,6 +47,7 @@ SCRIPTS = {
     "gradcheck": gradcheck.run,
     "seed_examples": seed_examples.run,
     "headline_claims": headline_claims.run,
+    "language_model": language_model.run,
 }
 
 

@@ -1,0 +1,1 @@
+"""The language-model research script's parts: data, model, training loop, report."""
