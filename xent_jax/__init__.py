@@ -12,6 +12,7 @@ from xent_jax._focal import (
 )
 from xent_jax._fused import (
     LinearCrossEntropyAux,
+    linear_distillation_loss,
     linear_softmax_cross_entropy_with_integer_labels,
     vocab_parallel_softmax_cross_entropy_with_integer_labels,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "entropy",
     "js_divergence",
     "kl_divergence",
+    "linear_distillation_loss",
     "linear_softmax_cross_entropy_with_integer_labels",
     "poly_loss_cross_entropy",
     "sigmoid_binary_cross_entropy",

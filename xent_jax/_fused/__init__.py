@@ -43,6 +43,8 @@ Modules:
 * :mod:`~xent_jax._fused._api`: the public fused function and its block plan.
 * :mod:`~xent_jax._fused._vocab_parallel`: the same tile arithmetic on logits that are already
   materialised and split along the classes over a mesh (one tile per device).
+* :mod:`~xent_jax._fused._distill` and :mod:`~xent_jax._fused._distill_local`: the fused
+  distillation loss (student ``x @ w`` against teacher logits or ``teacher_x @ teacher_w``).
 
 Options are parsed once, by :func:`xent_jax._options.softmax_options`, at the public boundary;
 the mesh layout comes from :mod:`xent_jax._mesh`.
@@ -52,6 +54,7 @@ from xent_jax._fused._api import (
     LinearCrossEntropyAux,
     linear_softmax_cross_entropy_with_integer_labels,
 )
+from xent_jax._fused._distill import linear_distillation_loss
 from xent_jax._fused._vocab_parallel import (
     vocab_parallel_integer_loss,
     vocab_parallel_softmax_cross_entropy_with_integer_labels,
@@ -59,6 +62,7 @@ from xent_jax._fused._vocab_parallel import (
 
 __all__ = [
     "LinearCrossEntropyAux",
+    "linear_distillation_loss",
     "linear_softmax_cross_entropy_with_integer_labels",
     "vocab_parallel_integer_loss",
     "vocab_parallel_softmax_cross_entropy_with_integer_labels",
