@@ -136,20 +136,20 @@ def softmax_focal_loss_with_integer_labels(
     """
     prepared = prepare_logits(logits, axis=axis, where=where, logit_softcap=None)
     z = prepared.logits
-    labels = prepare_integer_labels(
+    integer_labels = prepare_integer_labels(
         labels, batch_shape=z.shape[:-1], num_classes=z.shape[-1], ignore_index=ignore_index
     )
     lse, row_valid = masked_logsumexp(z)
-    label_logits = pick_labels(z, labels.safe)
+    label_logits = pick_labels(z, integer_labels.safe)
     # Double where: a fully masked row computes on log p = 0 (see softmax_focal_loss).
     log_p = jnp.where(row_valid, label_logits - lse, 0)
     loss = -_focal_weights(log_p, gamma) * log_p
     alpha = _alpha(alpha, z.shape[-1], z.dtype)
     if alpha is not None:
-        loss = loss * (alpha if alpha.ndim == 0 else alpha[labels.safe])
+        loss = loss * (alpha if alpha.ndim == 0 else alpha[integer_labels.safe])
     # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
-    loss = jnp.where(labels.invalid, jnp.nan, loss)
-    valid = combine_masks(prepared.example_mask, row_valid, labels.kept)
+    loss = jnp.where(integer_labels.invalid, jnp.nan, loss)
+    valid = combine_masks(prepared.example_mask, row_valid, integer_labels.kept)
     loss = jnp.where(valid, loss, 0)
     return reduce_loss(loss, reduction, denominator_weights=valid)
 

@@ -52,7 +52,7 @@ def _sum(terms: jax.Array, axis: int, mask: jax.Array | None, base: float | None
     total = jnp.sum(terms, axis=axis)
     if base is None:
         return total
-    if isinstance(base, jax.core.Tracer):
+    if v.is_traced(base):
         # Loud, never silently wrong: a traced base that is not positive or is 1 gives NaN.
         usable = (base > 0) & (base != 1)
         return total / jnp.log(jnp.where(usable, base, jnp.nan)).astype(total.dtype)
@@ -63,7 +63,7 @@ def _check_base(base: float | None) -> None:
     """``None``, a number > 0 and != 1, or a traced scalar (checked at run time: NaN)."""
     if base is None:
         return
-    if isinstance(base, jax.core.Tracer):
+    if v.is_traced(base):
         if jnp.ndim(base):
             raise ValueError(f"base must be a scalar, got shape {jnp.shape(base)}.")
         return

@@ -128,6 +128,7 @@ def validate_integer_labels(
         + ("" if ignore_index is None else f" and is not ignore_index={ignore_index}"),
         position=position,
         value=value,
+        debug=False,  # the default, named: else pyright matches ``**bound`` (arrays) to it
         **bound,
     )
     return labels

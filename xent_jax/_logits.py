@@ -4,7 +4,7 @@ log-softmax that survives ``-inf`` logits and fully masked rows."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,19 @@ def split_where(
     return None, jnp.broadcast_to(mask, batch_shape)
 
 
+@overload
 def collapse_class_axes(
-    logits: jax.Array, axes: tuple[int, ...], where: ArrayLike | None, targets=None
+    logits: jax.Array, axes: tuple[int, ...], where: ArrayLike | None, targets: jax.Array
+) -> tuple[jax.Array, jax.Array | None, jax.Array]: ...
+@overload
+def collapse_class_axes(
+    logits: jax.Array, axes: tuple[int, ...], where: ArrayLike | None, targets: None = None
+) -> tuple[jax.Array, jax.Array | None, None]: ...
+def collapse_class_axes(
+    logits: jax.Array,
+    axes: tuple[int, ...],
+    where: ArrayLike | None,
+    targets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Moves the class ``axes`` (normalised, in the caller's order) to the end and flattens them
     into one class axis, as optax does for a tuple ``axis``; a class-rank ``where`` and dense
@@ -142,7 +153,17 @@ def available_classes(z: jax.Array) -> jax.Array:
     return z != -jnp.inf
 
 
+@overload
+def combine_masks(
+    first: jax.Array | None, second: jax.Array, /, *rest: jax.Array | None
+) -> jax.Array: ...
+@overload
+def combine_masks(first: jax.Array, /, *rest: jax.Array | None) -> jax.Array: ...
+@overload
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None: ...
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """The conjunction of the masks that are present (``None`` when none is): an array as
+    soon as one of the first two is."""
     present = [m for m in masks if m is not None]
     if not present:
         return None
@@ -154,7 +175,7 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 
 def smoothing_is_on(label_smoothing) -> bool:
     """Whether the smoothing code path is needed (a traced value always takes it)."""
-    return isinstance(label_smoothing, jax.core.Tracer) or float(label_smoothing) != 0.0
+    return v.is_traced(label_smoothing) or float(label_smoothing) != 0.0
 
 
 def smooth_targets(targets: jax.Array, z: jax.Array, label_smoothing) -> jax.Array:

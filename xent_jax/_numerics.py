@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xent_jax._validation import compute_dtype
+from xent_jax._validation import compute_dtype, is_traced
 
 
 def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -27,7 +27,7 @@ def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def safe_power(base: jax.Array, exponent: float) -> jax.Array:
     """``base ** exponent`` for ``base >= 0``, with a finite (zero) gradient at ``base = 0``."""
-    if not isinstance(exponent, jax.core.Tracer) and float(exponent) == 0.0:
+    if not is_traced(exponent) and float(exponent) == 0.0:
         return jnp.ones_like(base)
     zero = base == 0
     # Double where: the power never sees 0, whose derivative is infinite for exponent < 1.
@@ -39,7 +39,7 @@ def fast_or_careful(ok, fast, careful):
     """``fast()`` if ``ok`` else ``careful()``: ``lax.cond`` under a trace, a Python branch when
     ``ok`` is concrete (an eager call would otherwise recompile the cond's fresh closures every
     time, ~0.1 s per call)."""
-    if isinstance(ok, jax.core.Tracer):
+    if is_traced(ok):
         return jax.lax.cond(ok, fast, careful)
     return fast() if bool(ok) else careful()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -70,22 +71,18 @@ class SoftmaxOptions:
         return self.logit_softcap / self.temperature
 
 
-def _is_traced(value) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
 def _scalar(name: str, value, dtype, low: float, high: float | None) -> jax.Array | None:
     """A scalar option as an array in ``dtype``; ``None`` when it is statically 0.
 
     A concrete value outside ``[low, high)`` (``[low, inf)`` without ``high``) raises; a traced
     one becomes NaN there, since it cannot raise under ``jit``.
     """
-    if isinstance(value, bool) or not (_is_traced(value) or _is_number_like(value)):
+    if isinstance(value, bool) or not (v.is_traced(value) or _is_number_like(value)):
         raise TypeError(f"{name} must be a real number, got {value!r}.")
     if np.ndim(value):
         raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}.")
     bound = f"[{low}, {high})" if high is not None else f">= {low}"
-    if not _is_traced(value):
+    if not v.is_traced(value):
         # Converted on the host: jnp.asarray would stage a constant under jit.
         number = float(np.asarray(value))
         if not (low <= number and (high is None or number < high)):
@@ -106,9 +103,13 @@ def _is_number_like(value) -> bool:
     return isinstance(value, np.ndarray | jax.Array) and np.ndim(value) == 0
 
 
-def _static_number(name: str, value, *, integer: bool):
+@overload
+def _static_number(name: str, value, *, integer: Literal[True]) -> int: ...
+@overload
+def _static_number(name: str, value, *, integer: Literal[False]) -> float: ...
+def _static_number(name: str, value, *, integer: bool) -> int | float:
     """A Python int / float from an option that selects code paths (no traced values)."""
-    if _is_traced(value):
+    if v.is_traced(value):
         raise TypeError(
             f"{name} must be a Python number, not a traced value: it selects code paths while "
             "tracing (pass it as a static argument, e.g. with functools.partial)."

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xent_jax._validation import is_traced
+
 Formulation = Literal["per_platform", "cpu", "one_pass"]
 _FORMULATIONS = ("per_platform", "cpu", "one_pass")
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar(
@@ -76,7 +78,7 @@ def by_platform(cpu, accelerator, *args):
     if forced != "per_platform":
         return cpu(*args) if forced == "cpu" else accelerator(*args)
     leaves = jax.tree_util.tree_leaves(args)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    if any(is_traced(x) for x in leaves):
         return lax.platform_dependent(*args, cpu=cpu, default=accelerator)
     platforms = {d.platform for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
     return cpu(*args) if platforms <= {"cpu"} else accelerator(*args)

@@ -19,7 +19,7 @@ from xent_jax._reduction import reduce_loss
 
 
 def _check_eps(eps: float) -> None:
-    if not isinstance(eps, jax.core.Tracer) and not 0.0 <= float(eps) < 0.5:
+    if not v.is_traced(eps) and not 0.0 <= float(eps) < 0.5:
         raise ValueError(f"eps must be in [0, 0.5), got {eps!r}.")
 
 
@@ -194,19 +194,19 @@ def sparse_categorical_cross_entropy(
     _check_eps(eps)
     axis = v.normalize_axis(axis, p.ndim, "probs")
     log_probs = jnp.moveaxis(jnp.log(_renormalized_probs(p, axis, eps)), axis, -1)
-    labels = prepare_integer_labels(
+    integer_labels = prepare_integer_labels(
         labels,
         batch_shape=log_probs.shape[:-1],
         num_classes=log_probs.shape[-1],
         ignore_index=ignore_index,
         what="probs",
     )
-    loss = -pick_labels(log_probs, labels.safe)
+    loss = -pick_labels(log_probs, integer_labels.safe)
     # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
-    loss = jnp.where(labels.invalid, jnp.nan, loss)
-    if labels.kept is not None:
-        loss = jnp.where(labels.kept, loss, 0)
-    return _mask_examples(loss, where, reduction, kept=labels.kept)
+    loss = jnp.where(integer_labels.invalid, jnp.nan, loss)
+    if integer_labels.kept is not None:
+        loss = jnp.where(integer_labels.kept, loss, 0)
+    return _mask_examples(loss, where, reduction, kept=integer_labels.kept)
 
 
 def _mask_examples(

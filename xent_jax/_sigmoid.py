@@ -69,7 +69,7 @@ def _upcast_pair(x: jax.Array, y: jax.Array, tag: int):
     return upcast_alias(x, tag, dtype), upcast_alias(y, tag, dtype)
 
 
-def _smoothed(y: jax.Array, label_smoothing: jax.Array | None) -> jax.Array:
+def _smoothed(y: jax.Array, label_smoothing: float | jax.Array | None) -> jax.Array:
     return y if label_smoothing is None else (1 - label_smoothing) * y + label_smoothing / 2
 
 
@@ -224,7 +224,7 @@ def sigmoid_binary_cross_entropy(
     """
     x, y, mask = _prepare(logits, labels, where)
     v.check_label_smoothing(label_smoothing)
-    smoothing = isinstance(label_smoothing, jax.core.Tracer) or bool(label_smoothing)
+    smoothing = v.is_traced(label_smoothing) or bool(label_smoothing)
     weight = None
     if pos_weight is not None:
         weight = v.as_float_array("pos_weight", pos_weight)

@@ -182,6 +182,7 @@ def _careful_statistics(
     lse = jnp.where(empty, -jnp.inf, log_total + shift)
     target_nll = None
     if targets is not None:
+        assert mass is not None  # dense targets always come with their row sums (the caller's)
         # sum_c t_c (lse - z_c) = mass (lse - shift) + sum_c t_c (shift - z_c). A row without
         # targets is exactly 0 even when a NaN or +inf logit makes log_total NaN; any target
         # in such a row sees a non-finite shift - z_c, so NaN still reaches its loss.
@@ -278,13 +279,13 @@ def _loss_coefficients(rows: _Rows, options: _Options, scale):
     return a, b, c
 
 
-def _class_weight_tangents(z, rows: _Rows, options: _Options, dweights):
+def _class_weight_tangents(z, rows: _Rows, label_smoothing: jax.Array, dweights):
     """(d smooth, d smooth_weight, d loss) from a tangent of the class weights (smoothing on)."""
     available = z != -jnp.inf
     per_class = jnp.where(available, _lse_or_zero(rows.lse)[..., None] - z, 0)
     d_smooth = jnp.sum(per_class * dweights, axis=-1)
     d_weight = jnp.sum(jnp.where(available, dweights, 0), axis=-1)
-    b = options.label_smoothing / jnp.maximum(rows.num_available, 1)
+    b = label_smoothing / jnp.maximum(rows.num_available, 1)
     return d_smooth, d_weight, b * d_smooth
 
 
@@ -410,7 +411,9 @@ def _integer_rows_jvp(primals, tangents):
         c_nll = 1.0 if options.label_smoothing is None else 1 - options.label_smoothing
         d_loss = d_loss + c_nll * rows.nll * d_label_weights
     if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
-        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(z, rows, options, dweights)
+        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(
+            z, rows, options.label_smoothing, dweights
+        )
         d_smooth, d_loss = d_smooth + d_smooth_w, d_loss + d_loss_w
     return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, zeros)
 
@@ -506,7 +509,9 @@ def _dense_rows_jvp(primals, tangents):
         d_loss = d_loss + c_nll * d_nll_t
         d_mass = jnp.sum(dtargets, axis=-1).astype(zeros.dtype)  # half-precision targets
     if options.label_smoothing is not None and weights is not None and not _is_zero(dweights):
-        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(z, rows, options, dweights)
+        d_smooth_w, d_weight, d_loss_w = _class_weight_tangents(
+            z, rows, options.label_smoothing, dweights
+        )
         d_smooth, d_loss = d_smooth + d_smooth_w, d_loss + d_loss_w
     return rows, _Rows(d_loss, d_lse, d_nll, d_smooth, d_weight, zeros, d_mass)
 
@@ -571,16 +576,18 @@ def integer_loss(
     z, example_mask, _ = _prepare(logits, axis, where, options.scaled_softcap)
     num_classes = z.shape[-1]
     weights = options.class_weights
-    labels = prepare_integer_labels(
+    integer_labels = prepare_integer_labels(
         labels, batch_shape=z.shape[:-1], num_classes=num_classes, ignore_index=options.ignore_index
     )
-    safe_labels = labels.safe
+    safe_labels = integer_labels.safe
     label_weights = None if weights is None else weights[safe_labels]
 
-    rows = _integer_rows(z, safe_labels, label_weights, weights, labels.kept, _row_options(options))
-    valid = combine_masks(example_mask, rows.lse != -jnp.inf, labels.kept)
+    rows = _integer_rows(
+        z, safe_labels, label_weights, weights, integer_labels.kept, _row_options(options)
+    )
+    valid = combine_masks(example_mask, rows.lse != -jnp.inf, integer_labels.kept)
     # Loud, never silently wrong: an invalid label (not ignored) makes its example NaN.
-    loss = jnp.where(labels.invalid, jnp.nan, rows.loss)
+    loss = jnp.where(integer_labels.invalid, jnp.nan, rows.loss)
     loss = jnp.where(valid, loss, 0)
     denominator = valid if label_weights is None else jnp.where(valid, label_weights, 0)
     return reduce_loss(loss, options.reduction, denominator_weights=denominator)

@@ -11,10 +11,16 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
+
+
+def is_traced(value: object) -> bool:
+    """Whether ``value`` is a tracer (under ``jit``, ``grad``, ``vmap``...), so not concrete."""
+    return isinstance(value, Tracer)
 
 
 def check_reduction(reduction: str) -> None:
@@ -23,7 +29,7 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_label_smoothing(label_smoothing: float) -> None:
-    if isinstance(label_smoothing, jax.core.Tracer):
+    if is_traced(label_smoothing):
         return  # A traced value cannot be checked here; it is the caller's to keep in range.
     value = float(label_smoothing)
     if not 0.0 <= value < 1.0:
@@ -31,14 +37,14 @@ def check_label_smoothing(label_smoothing: float) -> None:
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         return
     if float(value) < 0.0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
 
 
 def check_positive(name: str, value: float) -> None:
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         return
     if not float(value) > 0.0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
@@ -92,7 +98,7 @@ def as_integer_labels(value: ArrayLike) -> jax.Array:
     """
     if not isinstance(value, jax.Array):
         host = np.asarray(value)
-        if host.dtype.kind in "iu" and host.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+        if host.dtype.kind in "iu" and host.dtype.itemsize > 4 and not jax.enable_x64.value:
             info = np.iinfo(np.int32)
             if host.dtype.kind == "u":
                 host = np.minimum(host, info.max).astype(np.int32)

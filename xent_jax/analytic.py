@@ -138,7 +138,7 @@ def softmax_cross_entropy_grad(
         logit_softcap=logit_softcap,
         temperature=temperature,
     )
-    label_smoothing, z_loss = _scalars(opts)
+    eps, z_coef = _scalars(opts)
     w = opts.class_weights
     p, lse, available, row_valid = _softmax_parts(z)
     t = jnp.moveaxis(targets.astype(z.dtype), axis, -1)
@@ -146,10 +146,10 @@ def softmax_cross_entropy_grad(
         t = jnp.where(class_mask, t, 0.0)  # masked classes carry no target (as in the loss)
     if opts.smoothing:
         k = jnp.sum(available, axis=-1, keepdims=True)
-        t = (1 - label_smoothing) * t + label_smoothing * jnp.where(available, 1.0 / k, 0.0)
+        t = (1 - eps) * t + eps * jnp.where(available, 1.0 / k, 0.0)
     w = jnp.ones(z.shape[-1], z.dtype) if w is None else w
     wt = w.astype(z.dtype) * t
-    grad_z = p * jnp.sum(wt, axis=-1, keepdims=True) - wt + 2 * z_loss * lse[..., None] * p
+    grad_z = p * jnp.sum(wt, axis=-1, keepdims=True) - wt + 2 * z_coef * lse[..., None] * p
     valid = row_valid if example_mask is None else row_valid & example_mask
     return _finish(grad_z, dcap, valid, jnp.sum(valid), reduction, axis)
 
@@ -213,7 +213,7 @@ def softmax_cross_entropy_with_integer_labels_grad(
         logit_softcap=logit_softcap,
         temperature=temperature,
     )
-    label_smoothing, z_loss = _scalars(opts)
+    eps, z_coef = _scalars(opts)
     ignore_index, w = opts.ignore_index, opts.class_weights
     k = z.shape[-1]
     # The losses' checks of the labels (integer dtype, the batch shape); the rest is redone here.
@@ -223,12 +223,11 @@ def softmax_cross_entropy_with_integer_labels_grad(
     onehot = labels[..., None] == jnp.arange(k)
     w = jnp.ones(k, z.dtype) if w is None else w.astype(z.dtype)
     w_y = jnp.sum(jnp.where(onehot, w, 0.0), axis=-1)
-    eps = label_smoothing
     w_avail = jnp.where(available, w, 0.0)
     k_avail = jnp.sum(available, axis=-1, keepdims=True)
     coeff = (1 - eps) * w_y[..., None] + eps * jnp.sum(w_avail, -1, keepdims=True) / k_avail
     target = (1 - eps) * w_y[..., None] * onehot + eps * w_avail / k_avail
-    grad_z = p * (coeff + 2 * z_loss * lse[..., None]) - target
+    grad_z = p * (coeff + 2 * z_coef * lse[..., None]) - target
     kept = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
     out_of_range = (labels < 0) | (labels >= k)
     grad_z = jnp.where((out_of_range & kept)[..., None], jnp.nan, grad_z)

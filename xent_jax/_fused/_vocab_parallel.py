@@ -131,8 +131,8 @@ def _local_logits_tangent(call, z, nondiff, lse, prob_coef, label_coef, smooth_c
     flat = lambda r: r.reshape(plan.n).astype(plan.cdtype)
     cw = None if inputs.cw is None else inputs.cw[0]
     labels, classes = inputs.labels[0], inputs.cls[0]
-    grad = lambda *coefs: tile_grad(
-        plan, logits, masked_logits, mask, flat(lse), *coefs, labels, classes, cw
+    grad = lambda prob, label, smooth: tile_grad(
+        plan, logits, masked_logits, mask, flat(lse), prob, label, smooth, labels, classes, cw
     )
     dzf = dz.reshape(plan.n, plan.v).astype(plan.cdtype)
     coefs = (flat(prob_coef), flat(label_coef), flat(smooth_coef))
