@@ -14,6 +14,7 @@ On a mesh each runs inside :func:`jax.shard_map`; without one it is a plain call
 from __future__ import annotations
 
 import functools
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from xent_jax._fused._local import (
 from xent_jax._mesh import spec_entry
 
 
-def partition_specs(call: Call, nondiff: NonDiffInputs) -> dict:
+def partition_specs(call: Call, nondiff: NonDiffInputs[jax.Array]) -> dict:
     """``PartitionSpec`` of every kind of argument and result of the local entry points."""
     vocab = spec_entry(call.vocab_axes)
     batch = tuple(call.batch_spec)
@@ -81,7 +82,14 @@ def _reduced_specs(specs: dict) -> tuple:
     return (specs["scalar"],) + (specs["rows"],) * 6
 
 
-def shard_mapped(call: Call, local_fn, in_specs, out_specs):
+class _OnMesh(Protocol):
+    """What :func:`shard_mapped` reads of its ``call``: a :class:`Call` or a distillation plan."""
+
+    @property
+    def mesh(self) -> Any: ...
+
+
+def shard_mapped(call: _OnMesh, local_fn, in_specs, out_specs):
     """``local_fn(call, ...)`` run on every device of ``call.mesh`` (a plain call without one)."""
     if call.mesh is None:
         return functools.partial(local_fn, call)
@@ -121,7 +129,7 @@ def _reshard(mesh, array, spec):
     return jax.reshard(array, NamedSharding(mesh, spec))
 
 
-def _forward_rows(call: Call, x, w, bias, nondiff: NonDiffInputs):
+def _forward_rows(call: Call, x, w, bias, nondiff: NonDiffInputs[jax.Array]):
     """The 10 per-token outputs of :func:`local_forward`, over the mesh."""
     specs = partition_specs(call, nondiff)
     fn = shard_mapped(call, local_forward, _operand_specs(specs, bias), (specs["rows"],) * 10)
@@ -138,6 +146,14 @@ def _aux_coefficients(valid, label_logprob, d_lse, d_logprob):
     return d_lse - d_logprob, -d_logprob
 
 
+def _add_grads(t: jax.Array | None, e: jax.Array | None) -> jax.Array | None:
+    """``t + e``, or ``None`` for an argument without a gradient (no bias)."""
+    if t is None:
+        return None
+    assert e is not None  # both come from the same arguments: None in the same places
+    return t + e
+
+
 def _recompute_grads(call: Call, x, w, bias, nondiff, lse, prob_coef, label_coef, smooth_coef):
     """Gradients from per-token coefficients (cotangents folded in): every tile recomputed."""
     specs = partition_specs(call, nondiff)
@@ -151,13 +167,13 @@ def _recompute_grads(call: Call, x, w, bias, nondiff, lse, prob_coef, label_coef
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def rows_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
+def rows_loss(call: Call, x, w, bias, nondiff: NonDiffInputs[jax.Array]):
     """Per-token (loss, lse, argmax, valid, denominator weights, entropy, label log-probability);
     tiles schedule."""
     return _forward_rows(call, x, w, bias, nondiff)[:7]
 
 
-def _rows_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
+def _rows_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs[jax.Array]):
     """Forward pass of :func:`rows_loss`: saves the logsumexp and the VJP coefficients."""
     out = _forward_rows(call, x, w, bias, nondiff)
     lse, valid, label_logprob = out[1], out[3], out[6]
@@ -180,7 +196,7 @@ rows_loss.defvjp(_rows_loss_fwd, _rows_loss_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
+def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs[jax.Array]):
     """(reduced loss, and per token: lse, argmax, valid, denominator weights, entropy, label
     log-probability); strip schedule, loss only when not differentiated."""
     specs = partition_specs(call, nondiff)
@@ -190,7 +206,7 @@ def reduced_loss(call: Call, x, w, bias, nondiff: NonDiffInputs):
     return fn(x, w, bias, nondiff)
 
 
-def _reduced_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs):
+def _reduced_loss_fwd(call: Call, x, w, bias, nondiff: NonDiffInputs[jax.Array]):
     """Forward pass of :func:`reduced_loss`: the loss and its gradients in one pass."""
     x, w, bias, nondiff = jax.tree.map(
         lambda p: p.value, (x, w, bias, nondiff), is_leaf=lambda t: isinstance(t, CustomVJPPrimal)
@@ -221,7 +237,7 @@ def _reduced_loss_bwd(call: Call, residuals, cotangents):
         extra = _recompute_grads(
             call, x, w, bias, nondiff, lse, aux_prob, aux_label, jnp.zeros_like(lse)
         )
-        grads = tuple(None if t is None else t + e for t, e in zip(grads, extra, strict=True))
+        grads = tuple(_add_grads(t, e) for t, e in zip(grads, extra, strict=True))
     return (*grads, None)
 
 
