@@ -195,6 +195,7 @@ _LOSSES = (
             "block_size_vocab",
             "normalizer",
             "shift",
+            "gradient_filter",
         },
         traceable=frozenset({"label_smoothing", "z_loss"}),
         softmax=True,

@@ -4,8 +4,6 @@ stay finite at p = 0 and come back in the input dtype."""
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,27 +12,14 @@ from jax.scipy.special import entr
 from jax.test_util import check_grads
 
 import xent_jax
-from tests.tolerances import tolerance
+from tests import registry
+from tests.tolerances import assert_close, enable_x64_for
 from xent_jax import analytic
 
 B, K, T = 4, 5, 3
 FLOATS = [np.float32, np.float64]
 REDUCTIONS = ["none", "sum", "mean"]
 IGNORE = -100
-
-
-def precision(dtype):
-    """x64 for float64 inputs, the default (x32) otherwise; never a global flip."""
-    return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
-
-
-def assert_close(actual, expected, dtype, err_msg=""):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        err_msg=err_msg,
-        **tolerance(dtype),
-    )
 
 
 def objective(loss_fn, labels, kwargs):
@@ -190,13 +175,11 @@ SOFTMAX_PARAMS = [
 
 @pytest.mark.parametrize(("integer", "option", "dtype"), SOFTMAX_PARAMS)
 def test_softmax_grad_matches_analytic(integer, option, dtype):
-    if integer:
-        loss_fn = xent_jax.softmax_cross_entropy_with_integer_labels
-        grad_fn = analytic.softmax_cross_entropy_with_integer_labels_grad
-    else:
-        loss_fn = xent_jax.softmax_cross_entropy
-        grad_fn = analytic.softmax_cross_entropy_grad
-    with precision(dtype):
+    (loss,) = registry.select(
+        accepts="class_weights", labels="integer" if integer else "dense", analytic=True
+    )
+    loss_fn, grad_fn = registry.REGISTRY[loss].fn, registry.REGISTRY[loss].grad_fn
+    with enable_x64_for(dtype):
         options = ALL_SOFTMAX_OPTIONS[option]
         logits, labels, kwargs = softmax_case(options, integer=integer, dtype=dtype)
         # "sum" differentiates the same objective as "none"; single options skip it.
@@ -278,7 +261,7 @@ def sigmoid_case(options, *, dtype, seed=0):
     + [(name, np.float64) for name in ("plain", "all", "pos_weight_scalar")],
 )
 def test_sigmoid_grad_matches_analytic(option, dtype):
-    with precision(dtype):
+    with enable_x64_for(dtype):
         logits, labels, kwargs = sigmoid_case(SIGMOID_OPTIONS[option], dtype=dtype)
         check_every_reduction(
             xent_jax.sigmoid_binary_cross_entropy,
@@ -319,7 +302,7 @@ def test_hessian_is_diag_p_minus_ppt(integer, label_smoothing, dtype):
         if integer
         else xent_jax.softmax_cross_entropy
     )
-    with precision(dtype):
+    with enable_x64_for(dtype):
         logits, labels, _ = softmax_case((), integer=integer, dtype=dtype, seed=1)
         logits = jnp.asarray(logits)
         f = objective(loss_fn, labels, {"label_smoothing": label_smoothing})
@@ -473,15 +456,14 @@ CHECK_GRADS_CASES = {
 }
 
 
-# Checked through jax.jit: evaluated eagerly, their lax.cond (fast / careful path) compiles anew
-# on every call, which makes check_grads several times slower. The others are faster eagerly.
-CHECK_GRADS_UNDER_JIT = {
-    "poly_loss_cross_entropy",
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "softmax_focal_loss",
-    "softmax_focal_loss_with_integer_labels",
-}
+# Checked through jax.jit: evaluated eagerly, the softmax losses' lax.cond (fast / careful path)
+# compiles anew on every call, which makes check_grads several times slower. The others are
+# faster eagerly.
+CHECK_GRADS_UNDER_JIT = set(registry.select(softmax=True))
+
+
+def test_check_grads_covers_every_loss():
+    assert {name.split("/")[0] for name in CHECK_GRADS_CASES} == set(registry.select())
 
 
 @pytest.mark.parametrize("name", list(CHECK_GRADS_CASES))
@@ -529,7 +511,7 @@ def test_entropy_gradient_at_zero_probability_is_zero_elsewhere_minus_log_p_minu
     assert_close(grad, expected, np.float32)
 
 
-@pytest.mark.parametrize("name", ["kl_divergence", "js_divergence", "cross_entropy"])
+@pytest.mark.parametrize("name", registry.select(labels="distribution"))
 def test_divergence_gradients_finite_with_zero_probabilities(name):
     fn = getattr(xent_jax, name)
     p = jnp.array([[0.0, 0.5, 0.5], [0.2, 0.0, 0.8]])
@@ -558,23 +540,17 @@ def test_binary_entropy_gradient_finite_at_zero_and_one():
 # Half precision: gradients come back in the input dtype.
 # --------------------------------------------------------------------------------------------
 
-HALF_LOSSES = {
-    "softmax_cross_entropy": lambda rng: _simplex(rng, (B, K)),
-    "softmax_cross_entropy_with_integer_labels": lambda rng: rng.integers(0, K, B),
-    "sigmoid_binary_cross_entropy": lambda rng: rng.random((B, K)),
-    "sigmoid_focal_loss": lambda rng: rng.random((B, K)),
-    "softmax_focal_loss": lambda rng: _simplex(rng, (B, K)),
-    "softmax_focal_loss_with_integer_labels": lambda rng: rng.integers(0, K, B),
-    "poly_loss_cross_entropy": lambda rng: _simplex(rng, (B, K)),
-}
-
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("name", list(HALF_LOSSES))
+@pytest.mark.parametrize("name", registry.select(inputs="logits"))
 def test_half_precision_gradient_dtype_is_input_dtype(name, dtype):
     rng = np.random.default_rng(2)
     logits = jnp.asarray(_logits(rng, (B, K)), dtype)
-    labels = HALF_LOSSES[name](rng)
+    kind = registry.REGISTRY[name].labels
+    if kind == "integer":
+        labels = rng.integers(0, K, B)
+    else:
+        labels = rng.random((B, K)) if kind == "binary" else _simplex(rng, (B, K))
     if labels.dtype.kind == "f":
         labels = jnp.asarray(labels, dtype)
     fn = getattr(xent_jax, name)
@@ -591,7 +567,7 @@ def test_half_precision_gradient_dtype_is_input_dtype(name, dtype):
     grad, grad32 = grads(logits)
     assert grad.dtype == dtype
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
-    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(grad32), **tolerance(dtype))
+    assert_close(grad, grad32, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,6 +607,11 @@ LABEL_GRAD_CASES = {
 }
 
 
+def test_label_gradient_cases_cover_every_logits_loss_with_float_labels():
+    covered = {fn.__name__ for fn, _, _ in LABEL_GRAD_CASES.values()}
+    assert covered == set(registry.select(inputs="logits", labels=("dense", "binary")))
+
+
 @pytest.mark.parametrize("name", list(LABEL_GRAD_CASES))
 def test_label_gradients_at_labels_of_exactly_zero_and_one(name):
     # Distillation trains the targets too: d loss / d label at a label of exactly 0 or 1 is the
@@ -658,7 +639,7 @@ def test_cross_entropy_gradient_in_p_is_minus_log_q_at_p_zero():
     np.testing.assert_allclose(grad_kl[1:3], [np.log(4), np.log(4)], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["entropy", "cross_entropy", "kl_divergence", "js_divergence"])
+@pytest.mark.parametrize("name", registry.select(inputs="distribution"))
 def test_where_keeps_masked_infinities_out_of_gradients(name):
     # The masked entry has p > 0 = q: KL and cross-entropy would be +inf there. Masked, it
     # leaves the sum and the gradients: the same as dropping the entry before the call.

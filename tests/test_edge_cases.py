@@ -3,8 +3,6 @@ empty batches, NaN confined to its own example, and half-precision inputs comput
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,24 +10,13 @@ import optax
 import pytest
 
 import xent_jax
-from tests import reference
-from tests.tolerances import tolerance
+from tests import reference, registry
+from tests.tolerances import assert_close, enable_x64_for
 
 B, K = 4, 5
 IGNORE = -100
 INF = np.inf
 REDUCTIONS = ("none", "sum", "mean")
-
-
-def precision(dtype):
-    """x64 for float64 inputs, the default (x32) otherwise; never a global flip."""
-    return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
-
-
-def assert_close(actual, expected, dtype=np.float32):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **tolerance(dtype)
-    )
 
 
 def losses_and_grads(fn, first, *rest, reductions, **kwargs):
@@ -80,7 +67,7 @@ def test_huge_logits_softmax_exact(dtype):
     expected = np.array([0.0, 2e4, 1e4])
     # p = (1, 0, 0) exactly: the gradient p - y is exact too.
     expected_grad = np.array([[1.0, 0.0, 0.0]] * 3) - np.eye(3)
-    with precision(dtype):
+    with enable_x64_for(dtype):
         z = HUGE.astype(dtype)
         for fn, labels in [
             (xent_jax.softmax_cross_entropy, one_hot(HUGE_LABELS, 3).astype(dtype)),
@@ -94,7 +81,7 @@ def test_huge_logits_softmax_exact(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_huge_logits_other_softmax_losses_exact(dtype):
-    with precision(dtype):
+    with enable_x64_for(dtype):
         z = HUGE.astype(dtype)
         focal = xent_jax.softmax_focal_loss_with_integer_labels(z, HUGE_LABELS, gamma=2.0)
         focal_dense = xent_jax.softmax_focal_loss(z, one_hot(HUGE_LABELS, 3).astype(dtype))
@@ -111,7 +98,7 @@ def test_huge_logits_other_softmax_losses_exact(dtype):
 def test_huge_logits_sigmoid_exact(dtype):
     x = np.array([1e4, -1e4, 1e4, -1e4], dtype)
     y = np.array([1.0, 0.0, 0.0, 1.0], dtype)
-    with precision(dtype):
+    with enable_x64_for(dtype):
         value, grad = loss_and_grad(xent_jax.sigmoid_binary_cross_entropy, x, y)
         focal = xent_jax.sigmoid_focal_loss(jnp.asarray(x), y, gamma=2.0)
     np.testing.assert_array_equal(value, [0.0, 0.0, 1e4, 1e4])
@@ -126,8 +113,9 @@ def test_huge_logits_sigmoid_exact(dtype):
 NEG_INF_LOGITS = np.array([[1.0, 2.0, -INF, 0.5], [-INF, 0.3, -1.0, 2.0]], np.float32)
 NEG_INF_DENSE = np.array([[0.3, 0.7, 0.0, 0.0], [0.0, 0.5, 0.25, 0.25]], np.float32)
 NEG_INF_INT = np.array([1, 3])
-DENSE_LOSSES = ["softmax_cross_entropy", "softmax_focal_loss", "poly_loss_cross_entropy"]
-INT_LOSSES = ["softmax_cross_entropy_with_integer_labels", "softmax_focal_loss_with_integer_labels"]
+DENSE_LOSSES = registry.select(inputs="logits", labels="dense")
+INT_LOSSES = registry.select(inputs="logits", labels="integer")
+CROSS_ENTROPIES = registry.select(accepts="class_weights")  # dense and integer labels
 
 
 @pytest.mark.parametrize("name", DENSE_LOSSES + INT_LOSSES)
@@ -159,7 +147,7 @@ def test_neg_inf_logit_finite_where_optax_gives_nan():
     assert np.all(np.isnan(np.asarray(theirs)))
 
 
-@pytest.mark.parametrize("name", DENSE_LOSSES[:1] + INT_LOSSES[:1])
+@pytest.mark.parametrize("name", CROSS_ENTROPIES)
 def test_label_on_neg_inf_logit_costs_inf(name):
     fn = getattr(xent_jax, name)
     if name in INT_LOSSES:
@@ -175,7 +163,7 @@ def test_label_on_neg_inf_logit_costs_inf(name):
 # Fully masked rows, all-ignored and all-masked batches.
 # --------------------------------------------------------------------------------------------
 
-SOFTMAX_LOSSES = DENSE_LOSSES + INT_LOSSES
+SOFTMAX_LOSSES = registry.select(softmax=True)
 
 
 def _softmax_inputs(name, seed=0):
@@ -215,7 +203,7 @@ def test_fully_masked_row_is_zero_with_zero_gradient(name, how):
     assert_close(mean_grad[rest], rest_grad)
 
 
-ALL_INTEGER = [*INT_LOSSES, "sparse_categorical_cross_entropy"]
+ALL_INTEGER = registry.select(labels="integer")
 
 
 @pytest.mark.parametrize("name", ALL_INTEGER)
@@ -229,47 +217,13 @@ def test_all_ignored_batch_is_zero_not_nan(name):
         np.testing.assert_array_equal(grad, 0.0, err_msg=reduction)
 
 
-ALL_WITH_WHERE = [
-    *SOFTMAX_LOSSES,
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-]
-
-
-SIMPLEX_FIRST = {"entropy", "cross_entropy", "kl_divergence", "js_divergence"}
-PROBABILITY_FIRST = {
-    "binary_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-}
-ELEMENTWISE_LABELS = {"sigmoid_binary_cross_entropy", "sigmoid_focal_loss", "binary_cross_entropy"}
-
-
-def _simplex(rng, shape):
-    p = rng.uniform(0.05, 1.0, shape)
-    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+ALL_WITH_WHERE = registry.select(accepts=("where", "reduction"))
+ELEMENTWISE_LABELS = set(registry.select(labels="binary"))
 
 
 def _inputs(name, seed=0, batch=B):
     """Valid positional arguments for any loss, with a batch of ``batch`` rows of K."""
-    rng = np.random.default_rng(seed)
-    if name in SIMPLEX_FIRST:
-        first = _simplex(rng, (batch, K))
-    elif name in PROBABILITY_FIRST:
-        first = rng.uniform(0.05, 0.95, (batch, K)).astype(np.float32)
-    else:
-        first = rng.normal(scale=2.0, size=(batch, K)).astype(np.float32)
-    if name in ("entropy", "binary_entropy"):
-        return (first,)
-    if name in ALL_INTEGER:
-        return first, rng.integers(0, K, batch).astype(np.int32)
-    if name in ELEMENTWISE_LABELS:
-        return first, rng.random((batch, K)).astype(np.float32)
-    return first, _simplex(rng, (batch, K))
+    return registry.example_inputs(name, np.random.default_rng(seed), batch, K)
 
 
 @pytest.mark.parametrize("name", ALL_WITH_WHERE)
@@ -287,26 +241,9 @@ def test_all_masked_examples_mean_is_zero_not_nan(name):
 # Empty batches.
 # --------------------------------------------------------------------------------------------
 
-EVERY_LOSS = [
-    "entropy",
-    "cross_entropy",
-    "kl_divergence",
-    "js_divergence",
-    "binary_entropy",
-    *SOFTMAX_LOSSES,
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-]
-ELEMENTWISE = {
-    "binary_entropy",
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "binary_cross_entropy",
-}
-WITHOUT_REDUCTION = {"entropy", "cross_entropy", "kl_divergence", "js_divergence", "binary_entropy"}
+EVERY_LOSS = registry.select()
+ELEMENTWISE = set(registry.select(elementwise=True))
+WITHOUT_REDUCTION = set(registry.select(reduces=False))
 
 
 @pytest.mark.parametrize("name", EVERY_LOSS)
@@ -381,7 +318,7 @@ def test_nan_in_masked_example_is_zero_with_zero_gradient(name):
 # Half precision: computed in float32, returned in float32.
 # --------------------------------------------------------------------------------------------
 
-LOGITS_LOSSES = [*SOFTMAX_LOSSES, "sigmoid_binary_cross_entropy", "sigmoid_focal_loss"]
+LOGITS_LOSSES = registry.select(inputs="logits")
 LOSS_DTYPE = {
     jnp.bfloat16: np.float32,
     jnp.float16: np.float32,
@@ -395,7 +332,7 @@ LOSS_DTYPE = {
 def test_loss_dtype(name, dtype):
     fn = getattr(xent_jax, name)
     logits, labels = _inputs(name, seed=5)
-    with precision(dtype):
+    with enable_x64_for(dtype):
         logits = jnp.asarray(logits, dtype)
         if labels.dtype.kind == "f":
             labels = jnp.asarray(labels, dtype)
@@ -483,10 +420,7 @@ def test_float32_logits_near_the_exp_range_match_float64(offset):
         # float32 cannot hold z - lse better than the spacing of numbers of the logits' size,
         # so p carries that absolute error on top of the table's (any float32 implementation).
         spacing = float(np.spacing(np.float32(np.abs(z).max())))
-        table = tolerance(np.float32)
-        np.testing.assert_allclose(
-            grad, expected_grad, rtol=table["rtol"], atol=table["atol"] + 8 * spacing
-        )
+        assert_close(grad, expected_grad, extra_atol=8 * spacing)
 
 
 @pytest.mark.parametrize("weights", [None, "class"], ids=["unweighted", "class_weights"])
@@ -519,16 +453,15 @@ def test_label_smoothing_on_logits_far_from_zero_matches_float64(offset):
     soft = rng.dirichlet(np.ones(num_classes), 6).astype(np.float32)
     weights = rng.uniform(0.5, 2.0, num_classes).astype(np.float32)
     z64 = z.astype(np.float64)
-    table = tolerance(np.float32)
-    atol = table["atol"] + 2 * float(np.spacing(np.float32(np.abs(z).max())))
+    spacing = 2 * float(np.spacing(np.float32(np.abs(z).max())))
     for class_weights in (None, weights):
         opts = {"label_smoothing": 0.1, "class_weights": class_weights}
         got = xent_jax.softmax_cross_entropy_with_integer_labels(z, labels, **opts)
         want = reference.softmax_cross_entropy_with_integer_labels(z64, labels, **opts)
-        np.testing.assert_allclose(got, want, rtol=table["rtol"], atol=atol)
+        assert_close(got, want, extra_atol=spacing)
     got = xent_jax.softmax_cross_entropy(z, soft, label_smoothing=0.1)
     want = reference.softmax_cross_entropy(z64, soft, label_smoothing=0.1)
-    np.testing.assert_allclose(got, want, rtol=table["rtol"], atol=atol)
+    assert_close(got, want, extra_atol=spacing)
 
 
 def test_label_smoothing_with_class_weights_summing_to_zero():
@@ -566,9 +499,7 @@ def test_target_mass_of_both_signs_on_neg_inf_logits_is_nan_in_any_class_order(o
 
 
 @pytest.mark.parametrize("mask", ["example", "class"])
-@pytest.mark.parametrize(
-    "name", ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
-)
+@pytest.mark.parametrize("name", registry.select(accepts="logit_softcap"))
 def test_nan_hidden_by_where_has_zero_gradient_with_logit_softcap(name, mask):
     fn = getattr(xent_jax, name)
     logits, labels = _softmax_inputs(name, seed=4)
@@ -632,7 +563,7 @@ NARROW_LABEL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(NARROW_LABEL_CASES))
-@pytest.mark.parametrize("name", [*INT_LOSSES, "sparse_categorical_cross_entropy"])
+@pytest.mark.parametrize("name", ALL_INTEGER)
 def test_narrow_and_unsigned_integer_labels_score_as_int32(name, case):
     dtype, num_classes, labels, ignore_index = NARROW_LABEL_CASES[case]
     logits = np.random.default_rng(5).normal(size=(4, num_classes)).astype(np.float32)
@@ -721,7 +652,7 @@ def test_gradient_with_respect_to_half_precision_targets_has_their_dtype(dtype):
     grad = jax.grad(lambda t: jnp.sum(xent_jax.softmax_cross_entropy(logits, t)))(targets)
     assert grad.dtype == dtype
     expected = -jax.nn.log_softmax(logits.astype(jnp.float32))
-    np.testing.assert_allclose(np.asarray(grad, np.float32), expected, **tolerance(dtype))
+    assert_close(grad, expected, dtype)
 
 
 def test_careful_path_keeps_the_digits_of_a_confident_loss_at_large_logits():
@@ -735,7 +666,9 @@ def test_careful_path_keeps_the_digits_of_a_confident_loss_at_large_logits():
     np.testing.assert_allclose(loss, exact, rtol=2e-6, atol=1.2e-7)
 
 
-@pytest.mark.parametrize("name", ["binary_cross_entropy", "categorical_cross_entropy"])
+@pytest.mark.parametrize(
+    "name", registry.select(inputs="probabilities", labels=("binary", "dense"))
+)
 def test_probability_losses_with_eps_zero_keep_zero_log_zero_and_whole_gradients(name):
     fn = getattr(xent_jax, name)
     probs = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])

@@ -5,6 +5,7 @@ integer labels that turn only their own example into NaN, and the opt-in hard er
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 
 import jax
@@ -14,7 +15,8 @@ import optax
 import pytest
 
 import xent_jax
-from tests.tolerances import tolerance
+from tests import registry
+from tests.tolerances import assert_close
 
 K = 4
 IGNORE = -100
@@ -38,12 +40,6 @@ def shape(*dims):
     return rf"(\({inner}\)|\[{inner}\])"
 
 
-def assert_close(actual, expected, dtype=np.float32):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **tolerance(dtype)
-    )
-
-
 def _rng():
     return np.random.default_rng(0)
 
@@ -54,45 +50,20 @@ def _float(*dims):
 
 # Losses whose first two arguments must have the same shape: name -> name of argument two.
 SAME_SHAPE = {
-    "softmax_cross_entropy": "labels",
-    "sigmoid_binary_cross_entropy": "labels",
-    "sigmoid_focal_loss": "labels",
-    "softmax_focal_loss": "labels",
-    "poly_loss_cross_entropy": "labels",
-    "binary_cross_entropy": "labels",
-    "categorical_cross_entropy": "labels",
-    "cross_entropy": "q",
-    "kl_divergence": "q",
-    "js_divergence": "q",
+    name: registry.REGISTRY[name].second
+    for name in registry.select(labels=("dense", "binary", "distribution"))
 }
-INTEGER_API = [
-    "softmax_cross_entropy_with_integer_labels",
-    "softmax_focal_loss_with_integer_labels",
-    "sparse_categorical_cross_entropy",
-]
-LOGITS_LOSSES = [
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-    "softmax_focal_loss",
-    "softmax_focal_loss_with_integer_labels",
-    "poly_loss_cross_entropy",
-]
-WITH_REDUCTION = [
-    *LOGITS_LOSSES,
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-]
-WITH_LABEL_SMOOTHING = [
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "sigmoid_binary_cross_entropy",
-    "poly_loss_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-]
+INTEGER_API = registry.select(labels="integer")
+LOGITS_LOSSES = registry.select(inputs="logits")
+WITH_REDUCTION = registry.select(reduces=True)
+WITH_LABEL_SMOOTHING = registry.select(accepts="label_smoothing")
+
+
+def test_registry_lists_every_option_of_every_loss():
+    for name, loss in registry.REGISTRY.items():
+        parameters = inspect.signature(loss.fn).parameters.values()
+        keyword_only = {p.name for p in parameters if p.kind == p.KEYWORD_ONLY}
+        assert keyword_only == set(loss.options), name
 
 
 def valid_inputs(name, batch=2):
@@ -152,16 +123,14 @@ def test_label_smoothing_outside_unit_interval(name, value):
 
 
 @pytest.mark.parametrize("weights_shape", [(K + 1,), (K - 1,), (1, K)], ids=str)
-@pytest.mark.parametrize(
-    "name", ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
-)
+@pytest.mark.parametrize("name", registry.select(accepts="class_weights"))
 def test_class_weights_of_wrong_shape(name, weights_shape):
     first, second = valid_inputs(name)
     with raises(ValueError, "class_weights", shape(*weights_shape), str(K)):
         getattr(xent_jax, name)(first, second, class_weights=np.ones(weights_shape, np.float32))
 
 
-WITH_WHERE = [*WITH_REDUCTION, "entropy", "cross_entropy", "kl_divergence", "js_divergence"]
+WITH_WHERE = registry.select(accepts="where")
 
 
 @pytest.mark.parametrize("where_shape", [(5,), (2, K + 1)], ids=str)
@@ -286,17 +255,10 @@ def test_checked_passes_valid_and_ignored_labels_through(variant):
 # The closed-form gradients check their inputs as the losses do.
 # --------------------------------------------------------------------------------------------
 
-ANALYTIC_GRADS = {
-    "softmax_cross_entropy": xent_jax.analytic.softmax_cross_entropy_grad,
-    "softmax_cross_entropy_with_integer_labels": (
-        xent_jax.analytic.softmax_cross_entropy_with_integer_labels_grad
-    ),
-}
 
-
-@pytest.mark.parametrize("name", list(ANALYTIC_GRADS))
+@pytest.mark.parametrize("name", registry.select(analytic=True, softmax=True))
 def test_analytic_gradients_reject_what_the_losses_reject(name):
-    grad_fn, loss_fn = ANALYTIC_GRADS[name], getattr(xent_jax, name)
+    grad_fn, loss_fn = registry.REGISTRY[name].grad_fn, registry.REGISTRY[name].fn
     logits, labels = valid_inputs(name, batch=3)
     bad_labels = np.zeros(1, np.int32) if name in INTEGER_API else _float(1, K)
     cases = [
@@ -330,11 +292,10 @@ def test_analytic_sigmoid_gradient_rejects_what_the_loss_rejects():
                 fn(logits, **kwargs)
 
 
-@pytest.mark.parametrize("name", [*ANALYTIC_GRADS, "sigmoid_binary_cross_entropy"])
+@pytest.mark.parametrize("name", registry.select(analytic=True))
 def test_analytic_gradients_take_a_traced_label_smoothing(name):
     logits, labels = valid_inputs(name, batch=3)
-    loss_fn = getattr(xent_jax, name)
-    grad_fn = getattr(xent_jax.analytic, f"{name}_grad")
+    loss_fn, grad_fn = registry.REGISTRY[name].fn, registry.REGISTRY[name].grad_fn
     got = jax.jit(lambda eps: grad_fn(logits, labels, label_smoothing=eps))(jnp.float32(0.2))
     expected = jax.grad(lambda z: jnp.sum(loss_fn(z, labels, label_smoothing=0.2)))(logits)
     assert_close(got, expected)

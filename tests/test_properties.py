@@ -17,6 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 
 import xent_jax
+from tests import registry
 from tests.tolerances import tolerance
 
 BATCH, NUM_CLASSES = 4, 5
@@ -93,37 +94,35 @@ def test_js_is_symmetric_and_bounded_by_log_2(p, q):
 
 
 # Softmax losses with their labels; each must ignore a constant added to a row of logits.
-def _dense(name, **kwargs):
-    fn = jax.jit(functools.partial(getattr(xent_jax, name), **kwargs))
+def _loss(name, **kwargs):
+    """A jitted ``name`` of (logits, dense labels, integer labels), taking the labels it uses."""
+    fn = jax.jit(functools.partial(registry.REGISTRY[name].fn, **kwargs))
+    if registry.REGISTRY[name].labels == "integer":
+        return lambda z, dense, integer: fn(z, integer)
     return lambda z, dense, integer: fn(z, dense)
-
-
-def _integer(name, **kwargs):
-    fn = jax.jit(functools.partial(getattr(xent_jax, name), **kwargs))
-    return lambda z, dense, integer: fn(z, integer)
 
 
 CLASS_WEIGHTS = np.array([0.5, 1.0, 2.0, 1.5, 0.7])
 CLASS_MASK = np.array([[True, True, False, True, True]])
+# name -> the option sets it is checked with.
+SHIFT_OPTIONS = {
+    "softmax_cross_entropy": [
+        {},
+        {"label_smoothing": 0.1, "class_weights": CLASS_WEIGHTS, "where": CLASS_MASK},
+    ],
+    "softmax_cross_entropy_with_integer_labels": [
+        {},
+        {"label_smoothing": 0.2, "class_weights": CLASS_WEIGHTS},
+    ],
+    "softmax_focal_loss": [{"gamma": 2.0}],
+    "softmax_focal_loss_with_integer_labels": [{"gamma": 1.5, "alpha": 0.25}],
+    "poly_loss_cross_entropy": [{"epsilon": 1.0}],
+}
+assert set(SHIFT_OPTIONS) == set(registry.select(softmax=True)), "a softmax loss is unchecked"
 SHIFT_INVARIANT = {
-    "softmax_cross_entropy": _dense("softmax_cross_entropy"),
-    "softmax_cross_entropy/options": _dense(
-        "softmax_cross_entropy",
-        label_smoothing=0.1,
-        class_weights=CLASS_WEIGHTS,
-        where=CLASS_MASK,
-    ),
-    "integer_labels": _integer("softmax_cross_entropy_with_integer_labels"),
-    "integer_labels/options": _integer(
-        "softmax_cross_entropy_with_integer_labels",
-        label_smoothing=0.2,
-        class_weights=CLASS_WEIGHTS,
-    ),
-    "softmax_focal_loss": _dense("softmax_focal_loss", gamma=2.0),
-    "softmax_focal_loss_with_integer_labels": _integer(
-        "softmax_focal_loss_with_integer_labels", gamma=1.5, alpha=0.25
-    ),
-    "poly_loss_cross_entropy": _dense("poly_loss_cross_entropy", epsilon=1.0),
+    f"{name}/{i}": _loss(name, **options)
+    for name, option_sets in SHIFT_OPTIONS.items()
+    for i, options in enumerate(option_sets)
 }
 
 
@@ -147,15 +146,13 @@ def _grad_of_sum(loss):
     return jax.jit(jax.grad(lambda z, labels: jnp.sum(loss(z, labels))))
 
 
+# The cross-entropies (dense and integer labels), without and with label smoothing.
 GRADIENTS = {
-    "dense": _grad_of_sum(xent_jax.softmax_cross_entropy),
-    "dense/smoothing": _grad_of_sum(
-        functools.partial(xent_jax.softmax_cross_entropy, label_smoothing=0.3)
-    ),
-    "integer": _grad_of_sum(xent_jax.softmax_cross_entropy_with_integer_labels),
-    "integer/smoothing": _grad_of_sum(
-        functools.partial(xent_jax.softmax_cross_entropy_with_integer_labels, label_smoothing=0.3)
-    ),
+    (name, smoothing): _grad_of_sum(
+        functools.partial(registry.REGISTRY[name].fn, label_smoothing=smoothing)
+    )
+    for name in registry.select(accepts="class_weights")
+    for smoothing in (0.0, 0.3)
 }
 
 
@@ -164,9 +161,10 @@ GRADIENTS = {
 @_x64
 def test_softmax_cross_entropy_gradient_sums_to_zero_over_classes(logits, dense, integer):
     # d/dz of CE is softmax(z) - t, and both sum to one over the classes.
-    for name, grad in GRADIENTS.items():
-        g = _np(grad(logits, integer if name.startswith("integer") else dense))
-        np.testing.assert_allclose(g.sum(-1), 0.0, atol=TOL["atol"], err_msg=name)
+    for (name, smoothing), grad in GRADIENTS.items():
+        g = _np(grad(logits, integer if registry.REGISTRY[name].labels == "integer" else dense))
+        message = f"{name}, label_smoothing={smoothing}"
+        np.testing.assert_allclose(g.sum(-1), 0.0, atol=TOL["atol"], err_msg=message)
 
 
 sigmoid_bce = jax.jit(xent_jax.sigmoid_binary_cross_entropy)

@@ -14,7 +14,7 @@ import sklearn.metrics
 
 import xent_jax
 from tests import reference
-from tests.tolerances import tolerance
+from tests.tolerances import assert_close
 
 DTYPES = [np.float32, np.float64]
 REDUCTIONS = ["none", "sum", "mean"]
@@ -36,7 +36,7 @@ def _compare(name, dtype, probs, labels, **kwargs):
         assert out.dtype == dtype, (out.dtype, dtype)
         out = np.asarray(out, np.float64)
     assert out.shape == np.shape(expected)
-    np.testing.assert_allclose(out, expected, **tolerance(dtype), err_msg=str(kwargs))
+    assert_close(out, expected, dtype, err_msg=str(kwargs))
     return out
 
 
@@ -64,9 +64,9 @@ def test_keras_documented_binary_example(dtype):
             for p, y in zip(probs, labels, strict=True)
         ]
         elementwise = np.asarray(xent_jax.binary_cross_entropy(probs, labels), np.float64)
-    np.testing.assert_allclose(rows, exact, **tolerance(dtype))
+    assert_close(rows, exact, dtype)
     np.testing.assert_array_equal(np.round(rows, 3), [0.916, 0.714])
-    np.testing.assert_allclose(elementwise.mean(-1), exact, **tolerance(dtype))
+    assert_close(elementwise.mean(-1), exact, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,10 +80,10 @@ def test_keras_documented_ops_binary_example(dtype):
         np.array([0.0, 1.0, 1.0, 0.0]),
     )
     exact = -np.log([0.9, 0.9, 0.8, 0.8])
-    np.testing.assert_allclose(out, exact, **tolerance(dtype))
+    assert_close(out, exact, dtype)
     # Keras printed its float32 result, so the doc agrees with the formula to float32 precision.
     documented = [0.10536054, 0.10536054, 0.22314355, 0.22314355]
-    np.testing.assert_allclose(documented, exact, **tolerance(np.float32))
+    assert_close(documented, exact, np.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,12 +95,12 @@ def test_keras_documented_categorical_examples(dtype):
     one_hot = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     exact = [-np.log(0.95), -np.log(0.1)]
     out = _compare("categorical_cross_entropy", dtype, probs, one_hot)
-    np.testing.assert_allclose(out, exact, **tolerance(dtype))
+    assert_close(out, exact, dtype)
     np.testing.assert_array_equal(np.round(out, 3), [0.051, 2.303])
     out = _compare("sparse_categorical_cross_entropy", dtype, probs, np.array([1, 2]))
-    np.testing.assert_allclose(out, exact, **tolerance(dtype))
+    assert_close(out, exact, dtype)
     mean = _compare("categorical_cross_entropy", dtype, probs, one_hot, reduction="mean")
-    np.testing.assert_allclose(mean, np.mean(exact), **tolerance(dtype))
+    assert_close(mean, np.mean(exact), dtype)
     assert round(float(mean), 3) == 1.177
 
 
@@ -201,7 +201,7 @@ def test_sparse_ignore_index_and_invalid_labels(dtype):
         "sparse_categorical_cross_entropy", dtype, probs, labels, ignore_index=-1, reduction="mean"
     )
     per_example = reference.sparse_categorical_cross_entropy(probs.astype(dtype), labels)
-    np.testing.assert_allclose(mean, per_example[[0, 2, 3, 4]].mean(), **tolerance(dtype))
+    assert_close(mean, per_example[[0, 2, 3, 4]].mean(), dtype)
     none_valid = _compare(
         "sparse_categorical_cross_entropy",
         dtype,
@@ -226,8 +226,8 @@ def test_renormalise_happens_before_clipping():
     with jax.enable_x64(True):
         out = np.asarray(xent_jax.categorical_cross_entropy(probs, labels, eps=1e-7))
         sparse = np.asarray(xent_jax.sparse_categorical_cross_entropy(probs, np.array([1, 1])))
-    np.testing.assert_allclose(out, [-np.log(1e-7)] * 2, **tolerance(np.float64))
-    np.testing.assert_allclose(sparse, [-np.log(0.75)] * 2, **tolerance(np.float64))
+    assert_close(out, [-np.log(1e-7)] * 2, np.float64)
+    assert_close(sparse, [-np.log(0.75)] * 2, np.float64)
     # Clipping first would give the unclipped 1.5 -> 1 - eps and a different renormalisation.
     clip_first = np.clip(probs[0], 1e-7, 1 - 1e-7)
     assert abs(-np.log(clip_first[1] / clip_first.sum()) - sparse[0]) > 1e-3
@@ -239,8 +239,8 @@ def test_clip_edges_in_float64():
     probs = np.array([0.0, 1.0, 0.0, 1.0])
     labels = np.array([1.0, 0.0, 0.0, 1.0])
     out = _compare("binary_cross_entropy", np.float64, probs, labels, eps=1e-7)
-    np.testing.assert_allclose(out[:2], -np.log(1e-7), **tolerance(np.float64))
-    np.testing.assert_allclose(out[2:], -np.log1p(-1e-7), **tolerance(np.float64))
+    assert_close(out[:2], -np.log(1e-7), np.float64)
+    assert_close(out[2:], -np.log1p(-1e-7), np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -249,9 +249,9 @@ def test_zero_prediction_on_true_class_costs_minus_log_eps(dtype):
     one_hot = np.array([[1.0, 0.0, 0.0]])
     for eps in (1e-7, 1e-3):
         out = _compare("categorical_cross_entropy", dtype, probs, one_hot, eps=eps)
-        np.testing.assert_allclose(out, [-np.log(np.asarray(eps, dtype))], **tolerance(dtype))
+        assert_close(out, [-np.log(np.asarray(eps, dtype))], dtype)
         out = _compare("sparse_categorical_cross_entropy", dtype, probs, np.array([0]), eps=eps)
-        np.testing.assert_allclose(out, [-np.log(np.asarray(eps, dtype))], **tolerance(dtype))
+        assert_close(out, [-np.log(np.asarray(eps, dtype))], dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +269,10 @@ def test_means_match_sklearn_log_loss():
             probs[:, 0], (labels == 0).astype(np.float64), reduction="mean"
         )
     expected = sklearn.metrics.log_loss(labels, probs, labels=range(4))
-    np.testing.assert_allclose(sparse, expected, **tolerance(np.float64))
-    np.testing.assert_allclose(dense, expected, **tolerance(np.float64))
+    assert_close(sparse, expected, np.float64)
+    assert_close(dense, expected, np.float64)
     expected = sklearn.metrics.log_loss(labels == 0, probs[:, 0])
-    np.testing.assert_allclose(binary, expected, **tolerance(np.float64))
+    assert_close(binary, expected, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -283,10 +283,10 @@ def test_sparse_equals_categorical_on_one_hot(dtype):
     one_hot = np.moveaxis(np.eye(shape[axis], dtype=dtype)[labels], -1, axis)
     with jax.enable_x64(dtype == np.float64):
         for reduction in REDUCTIONS:
-            np.testing.assert_allclose(
+            assert_close(
                 xent_jax.sparse_categorical_cross_entropy(
                     probs, labels, axis=axis, reduction=reduction
                 ),
                 xent_jax.categorical_cross_entropy(probs, one_hot, axis=axis, reduction=reduction),
-                **tolerance(dtype),
+                dtype,
             )

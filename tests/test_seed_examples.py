@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import xent_jax
-from tests.tolerances import tolerance
+from tests.tolerances import assert_close
 
 DTYPES = [np.float32, np.float64]
 LN2 = np.log(2.0)
@@ -43,17 +43,17 @@ def _bits(fn, dtype, *arrays, **kwargs):
 )
 def test_world_cup_prediction_entropy(p, bits, rounded, dtype):
     out = _bits(xent_jax.entropy, dtype, p, base=2)
-    np.testing.assert_allclose(out, bits, **tolerance(dtype))
+    assert_close(out, bits, dtype)
     assert round(float(out), 3) == rounded
     binary = _bits(xent_jax.binary_entropy, dtype, p[0], base=2)
-    np.testing.assert_allclose(binary, bits, **tolerance(dtype))
+    assert_close(binary, bits, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_equals_entropy_only_when_prediction_is_exact(dtype):
     p = np.array([0.75, 0.25])
     same = _bits(xent_jax.cross_entropy, dtype, p, p, base=2)
-    np.testing.assert_allclose(same, _bits(xent_jax.entropy, dtype, p, base=2), **tolerance(dtype))
+    assert_close(same, _bits(xent_jax.entropy, dtype, p, base=2), dtype)
     assert _bits(xent_jax.cross_entropy, dtype, p, np.array([0.6, 0.4]), base=2) > same
 
 
@@ -64,7 +64,7 @@ def test_cat_prediction_costs_about_1_32_bits(dtype):
     p1 = np.array([1.0, 0.0, 0.0, 0.0])
     q1 = np.array([0.4, 0.3, 0.1, 0.1])
     out = _bits(xent_jax.cross_entropy, dtype, p1, q1, base=2)
-    np.testing.assert_allclose(out, -np.log2(0.4), **tolerance(dtype))
+    assert_close(out, -np.log2(0.4), dtype)
     assert round(float(out), 4) == 1.3219
     assert round(float(out), 1) == 1.3  # the article's "1.3"
 
@@ -76,19 +76,18 @@ CAR_BITS = -np.log2(0.775)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_car_prediction_costs_0_3677_bits(dtype):
-    tol = tolerance(dtype)
     out = _bits(xent_jax.cross_entropy, dtype, CAR_TRUTH, CAR_PREDICTION, base=2)
-    np.testing.assert_allclose(out, CAR_BITS, **tol)
+    assert_close(out, CAR_BITS, dtype)
     assert round(float(out), 4) == 0.3677
     # The same number from the Keras-style loss on the probabilities, and from logits whose
     # softmax is the prediction (the article's softmax layer), converted from nats.
     nats = _bits(xent_jax.categorical_cross_entropy, dtype, CAR_PREDICTION, CAR_TRUTH)
-    np.testing.assert_allclose(nats / LN2, CAR_BITS, **tol)
+    assert_close(nats / LN2, CAR_BITS, dtype)
     logits = np.log(CAR_PREDICTION) + 1.7  # any shift: softmax(logits) == prediction
     nats = _bits(xent_jax.softmax_cross_entropy, dtype, logits, CAR_TRUTH)
-    np.testing.assert_allclose(nats / LN2, CAR_BITS, **tol)
+    assert_close(nats / LN2, CAR_BITS, dtype)
     nats = _bits(xent_jax.softmax_cross_entropy_with_integer_labels, dtype, logits, np.array(0))
-    np.testing.assert_allclose(nats / LN2, CAR_BITS, **tol)
+    assert_close(nats / LN2, CAR_BITS, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -102,7 +101,7 @@ def test_container_entropies(counts, rounded_bits, dtype):
     nonzero = p[p > 0]
     exact = -(nonzero * np.log2(nonzero)).sum()
     out = _bits(xent_jax.entropy, dtype, p, base=2)
-    np.testing.assert_allclose(out, exact, **tolerance(dtype))
+    assert_close(out, exact, dtype)
     assert round(float(out), 4) == rounded_bits
 
 
@@ -123,7 +122,7 @@ def test_after_training_loss_is_0_095_bits(dtype):
     p_car = 2.0**-0.095
     prediction = np.array([p_car, *[(1 - p_car) / 3] * 3])
     out = _bits(xent_jax.cross_entropy, dtype, CAR_TRUTH, prediction, base=2)
-    np.testing.assert_allclose(out, 0.095, **tolerance(dtype))
+    assert_close(out, 0.095, dtype)
     before = _bits(xent_jax.cross_entropy, dtype, CAR_TRUTH, CAR_PREDICTION, base=2)
     assert out < before
 
@@ -142,7 +141,7 @@ def test_binary_categorical_sparse_agree(two_class, truth, dtype):
     categorical = _bits(xent_jax.categorical_cross_entropy, dtype, two_class, one_hot)
     sparse = _bits(xent_jax.sparse_categorical_cross_entropy, dtype, two_class, np.array(truth))
     for value in (binary, categorical, sparse):
-        np.testing.assert_allclose(value, expected, **tolerance(dtype))
+        assert_close(value, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -151,8 +150,8 @@ def test_sparse_label_zero_is_the_car_one_hot(dtype):
         xent_jax.sparse_categorical_cross_entropy, dtype, CAR_PREDICTION[None], np.array([0])
     )
     dense = _bits(xent_jax.categorical_cross_entropy, dtype, CAR_PREDICTION[None], CAR_TRUTH[None])
-    np.testing.assert_allclose(sparse, dense, **tolerance(dtype))
-    np.testing.assert_allclose(sparse / LN2, [CAR_BITS], **tolerance(dtype))
+    assert_close(sparse, dense, dtype)
+    assert_close(sparse / LN2, [CAR_BITS], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,5 +161,5 @@ def test_sigmoid_bce_from_logits_equals_bce_on_sigmoid(dtype):
     probs = 1.0 / (1.0 + np.exp(-logits))
     from_logits = _bits(xent_jax.sigmoid_binary_cross_entropy, dtype, logits, labels)
     from_probs = _bits(xent_jax.binary_cross_entropy, dtype, probs, labels)
-    np.testing.assert_allclose(from_logits, from_probs, **tolerance(dtype))
-    np.testing.assert_allclose(from_logits[5] / LN2, CAR_BITS, **tolerance(dtype))
+    assert_close(from_logits, from_probs, dtype)
+    assert_close(from_logits[5] / LN2, CAR_BITS, dtype)

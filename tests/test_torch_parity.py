@@ -17,7 +17,7 @@ import pytest
 
 import xent_jax
 from tests import reference
-from tests.tolerances import tolerance
+from tests.tolerances import assert_close
 
 LOGITS = np.array(
     [
@@ -223,7 +223,7 @@ def _run(impl, kind, dtype, logits, labels, **kwargs):
 def test_integer_labels_match_torch(case, reduction, dtype, impl):
     kwargs, expected = INTEGER_CASES[case]
     out = _run(impl, "int", dtype, LOGITS, LABELS, reduction=reduction, **kwargs)
-    np.testing.assert_allclose(out, expected[reduction], **tolerance(dtype))
+    assert_close(out, expected[reduction], dtype)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
@@ -241,7 +241,7 @@ def test_torch_default_ignore_index(reduction, dtype, impl):
         ignore_index=-100,
         reduction=reduction,
     )
-    np.testing.assert_allclose(out, NEG100_EXPECTED[reduction], **tolerance(dtype))
+    assert_close(out, NEG100_EXPECTED[reduction], dtype)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
@@ -260,7 +260,7 @@ def test_class_axis_one_matches_torch_layout(reduction, dtype, impl):
         ignore_index=0,
         reduction=reduction,
     )
-    np.testing.assert_allclose(out, NCD_EXPECTED[reduction], **tolerance(dtype))
+    assert_close(out, NCD_EXPECTED[reduction], dtype)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
@@ -276,7 +276,7 @@ def test_class_axis_one_matches_torch_layout(reduction, dtype, impl):
 def test_probability_targets_match_torch(kwargs, expected, dtype, impl):
     for reduction, value in expected.items():
         out = _run(impl, "dense", dtype, LOGITS, SOFT_TARGETS, reduction=reduction, **kwargs)
-        np.testing.assert_allclose(out, value, **tolerance(dtype), err_msg=reduction)
+        assert_close(out, value, dtype, err_msg=reduction)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
@@ -289,7 +289,7 @@ def test_probability_targets_match_torch(kwargs, expected, dtype, impl):
 def test_bce_with_logits_matches_torch(pos_weight, expected, dtype, impl):
     for reduction, value in expected.items():
         out = _run(impl, "bce", dtype, BX, BY, pos_weight=pos_weight, reduction=reduction)
-        np.testing.assert_allclose(out, value, **tolerance(dtype), err_msg=reduction)
+        assert_close(out, value, dtype, err_msg=reduction)
 
 
 def test_mean_over_all_ignored_is_zero_not_nan():
@@ -313,7 +313,6 @@ def test_live_torch_agrees():
     weight = rng.uniform(0.2, 2.0, size=5)
     bx, by = rng.normal(size=(4, 5)) * 3.0, rng.uniform(size=(4, 5))
     pos_weight = rng.uniform(0.1, 3.0, size=5)
-    tol = tolerance(np.float64)
     with jax.enable_x64(True):
         for reduction in REDUCTIONS:
             for eps in (0.0, 0.25):
@@ -334,7 +333,7 @@ def test_live_torch_agrees():
                     label_smoothing=eps,
                     reduction=reduction,
                 )
-                np.testing.assert_allclose(out, expected, **tol)
+                assert_close(out, expected, np.float64)
                 expected = functional.cross_entropy(
                     torch.tensor(logits),
                     torch.tensor(targets),
@@ -350,11 +349,11 @@ def test_live_torch_agrees():
                     label_smoothing=eps,
                     reduction=reduction,
                 )
-                np.testing.assert_allclose(out, expected, **tol)
+                assert_close(out, expected, np.float64)
             expected = torch.nn.BCEWithLogitsLoss(
                 pos_weight=torch.tensor(pos_weight), reduction=reduction
             )(torch.tensor(bx), torch.tensor(by)).numpy()
             out = xent_jax.sigmoid_binary_cross_entropy(
                 bx, by, pos_weight=pos_weight, reduction=reduction
             )
-            np.testing.assert_allclose(out, expected, **tol)
+            assert_close(out, expected, np.float64)

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 
 import xent_jax
-from tests.tolerances import tolerance
+from tests import registry
+from tests.tolerances import assert_close
 
 B, K, V = 4, 5, 3
 IGNORE = -100
-
-
-def assert_close(actual, expected, dtype=np.float32):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **tolerance(dtype)
-    )
 
 
 def _simplex(rng, shape):
@@ -120,7 +115,7 @@ CASES = {
         {"ignore_index": IGNORE},
     ),
 }
-WITHOUT_REDUCTION = {"entropy", "cross_entropy", "kl_divergence", "js_divergence", "binary_entropy"}
+WITHOUT_REDUCTION = set(registry.select(reduces=False))
 PARAMS = [
     (name, reduction)
     for name in CASES
@@ -231,20 +226,14 @@ def test_inside_lax_scan(name, reduction):
 
 # Scalar hyperparameters passed as traced values (schedules, sweeps): name -> options.
 TRACED_SCALARS = {
-    "softmax_cross_entropy": {"label_smoothing": 0.15, "z_loss": 1e-3, "logit_softcap": 4.0},
-    "softmax_cross_entropy_with_integer_labels": {
-        "label_smoothing": 0.15,
-        "z_loss": 1e-3,
-        "logit_softcap": 4.0,
-    },
-    "sigmoid_binary_cross_entropy": {"label_smoothing": 0.15, "pos_weight": 2.5},
-    "sigmoid_focal_loss": {"alpha": 0.3, "gamma": 1.5},
-    "softmax_focal_loss": {"alpha": 0.3, "gamma": 1.5},
-    "softmax_focal_loss_with_integer_labels": {"alpha": 0.3, "gamma": 1.5},
-    "poly_loss_cross_entropy": {"epsilon": 1.5, "label_smoothing": 0.15},
-    "binary_cross_entropy": {"label_smoothing": 0.15},
-    "categorical_cross_entropy": {"label_smoothing": 0.15},
+    name: {option: registry.SCALAR_OPTION_VALUES[option] for option in loss.traceable}
+    for name, loss in registry.REGISTRY.items()
+    if loss.traceable and name in CASES
 }
+
+
+def test_cases_cover_every_loss():
+    assert set(CASES) == set(registry.select())
 
 
 @pytest.mark.parametrize("name", list(TRACED_SCALARS))
@@ -292,15 +281,7 @@ def test_nested_option_pytree_through_jit():
 
 # Per-example gradients: vmap of grad over single examples (batch shape ()) equals the rows of
 # the gradient of the summed batch loss.
-PER_EXAMPLE = [
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
-    "softmax_focal_loss",
-    "softmax_focal_loss_with_integer_labels",
-    "poly_loss_cross_entropy",
-    "sigmoid_binary_cross_entropy",
-    "sigmoid_focal_loss",
-]
+PER_EXAMPLE = registry.select(inputs="logits")
 
 
 @pytest.mark.parametrize("name", PER_EXAMPLE)
