@@ -312,16 +312,20 @@ def linear_softmax_cross_entropy_with_integer_labels(
         vocab_axes=layout.vocab_axes,
     )
     nondiff = nondiff_inputs(labels, example_mask, class_mask, options, token_weights)
+    # Declared: jax.custom_vjp (applied through functools.partial) leaves the result untyped.
+    outputs: tuple[jax.Array, ...]
     if reduction != "none" and kv == 1:
-        loss, *rows = reduced_loss(call, x, w, bias, nondiff)
+        outputs = reduced_loss(call, x, w, bias, nondiff)
+        loss, *rows = outputs
     else:
-        loss, *rows = rows_loss(call, x, w, bias, nondiff)
+        outputs = rows_loss(call, x, w, bias, nondiff)
+        loss, *rows = outputs
         loss = reduce_loss(loss, reduction, denominator_weights=rows[3])
     if normalizer is not None:
         loss = safe_divide(loss, normalizer)
     if not return_aux:
         return loss
-    return loss, _make_aux(*rows, labels, token_weights, cdtype)
+    return loss, _make_aux(*rows, labels=labels, token_weights=token_weights, cdtype=cdtype)
 
 
 def _token_weights(where, batch_shape):

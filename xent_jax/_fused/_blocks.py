@@ -9,7 +9,7 @@ layout, and pick out block ``i`` / tile ``j`` inside the loops.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -237,7 +237,13 @@ def _pick(view: jax.Array, index, axis: int, static_single: bool, shape) -> jax.
     return entry.reshape(shape)
 
 
-def take_block(array: jax.Array | None, i, static_single: bool):
+@overload
+def take_block(array: jax.Array, i, static_single: bool) -> jax.Array: ...
+@overload
+def take_block(array: None, i, static_single: bool) -> None: ...
+@overload
+def take_block(array: jax.Array | None, i, static_single: bool) -> jax.Array | None: ...
+def take_block(array: jax.Array | None, i, static_single: bool) -> jax.Array | None:
     """Entry ``i`` of the leading axis (``None`` stays ``None``); ``array[0]`` when static."""
     if array is None:
         return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +42,21 @@ class Call:
     vocab_axes: tuple[str, ...] = ()
 
 
-class NonDiffInputs(NamedTuple):
-    """The inputs that get no gradient (one argument of the custom VJPs)."""
+# The leaves of NonDiffInputs: jax.Array for the inputs, PartitionSpec for their shard_map specs.
+_Leaf = TypeVar("_Leaf")
 
-    labels: jax.Array  # batch shape, integer
-    example_mask: jax.Array | None  # batch shape, bool
-    class_weights: jax.Array | None  # [V]
-    class_mask: jax.Array | None  # [1, V] or batch shape + [V]
-    label_smoothing: jax.Array | None  # scalar (None: off)
-    z_loss: jax.Array | None  # scalar (None: off)
-    token_weights: jax.Array | None = None  # batch shape, float (a float ``where``)
+
+class NonDiffInputs(NamedTuple, Generic[_Leaf]):
+    """The inputs that get no gradient (one argument of the custom VJPs); with ``PartitionSpec``
+    leaves, their specs (``partition_specs``: the same pytree structure)."""
+
+    labels: _Leaf  # batch shape, integer
+    example_mask: _Leaf | None  # batch shape, bool
+    class_weights: _Leaf | None  # [V]
+    class_mask: _Leaf | None  # [1, V] or batch shape + [V]
+    label_smoothing: _Leaf | None  # scalar (None: off)
+    z_loss: _Leaf | None  # scalar (None: off)
+    token_weights: _Leaf | None = None  # batch shape, float (a float ``where``)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

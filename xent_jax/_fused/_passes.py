@@ -31,15 +31,17 @@ from xent_jax._fused._tile_math import (
 
 def stats_pass(plan: Plan, inputs: BlockedInputs) -> Stats:
     """Forward pass over all tiles (vocabulary outer, tokens inner): final per-token stats."""
+    x4, w4 = inputs.x4, inputs.w4
+    assert x4 is not None and w4 is not None  # _local._prepare sets both for every pass
     single_i, single_j = plan.kn == 1, plan.kv == 1
 
     def vocab_step(j, stats):
-        w_j = w_tile(plan, inputs.w4, j)
+        w_j = w_tile(plan, w4, j)
         tile_classes = take_block(inputs.cls, j, single_j)
         tile_class_weights = take_block(inputs.cw, j, single_j)
 
         def token_step(i, stats):
-            x_i = x_block(plan, inputs.x4, i)
+            x_i = x_block(plan, x4, i)
             mask = tile_mask(plan, inputs, i, j)
             _, masked_logits = tile_logits(plan, inputs, x_i, w_j, j, mask)
             labels = take_block(inputs.labels, i, single_i)
@@ -69,17 +71,19 @@ def grad_pass(
 
     The coefficients are ``[kn, bn]`` with the cotangent already folded in.
     """
+    x4, w4 = inputs.x4, inputs.w4
+    assert x4 is not None and w4 is not None  # _local._prepare sets both for every pass
     single_i, single_j = plan.kn == 1, plan.kv == 1
-    d = inputs.x4.shape[-1]
-    dx4 = jnp.zeros(inputs.x4.shape, plan.cdtype) if need_dx else None
-    dw4 = jnp.zeros(inputs.w4.shape, plan.cdtype) if need_dw else None
+    d = x4.shape[-1]
+    dx4 = jnp.zeros(x4.shape, plan.cdtype) if need_dx else None
+    dw4 = jnp.zeros(w4.shape, plan.cdtype) if need_dw else None
     has_bias = inputs.bias is not None
     db3 = jnp.zeros((plan.pv, plan.kv, plan.tc), plan.cdtype) if has_bias else None
-    xt4 = xt_view(inputs.x4) if need_dw else None
+    xt4 = xt_view(x4) if need_dw else None
 
     def vocab_step(j, carry):
         dx4, dw4, db3 = carry
-        w_j = w_tile(plan, inputs.w4, j)
+        w_j = w_tile(plan, w4, j)
         w_j_compute = w_j.astype(plan.cdtype)
         tile_classes = take_block(inputs.cls, j, single_j)
         tile_class_weights = take_block(inputs.cw, j, single_j)
@@ -88,13 +92,24 @@ def grad_pass(
 
         def token_step(i, carry):
             dx4, dw_j, db_j = carry
-            x_i = x_block(plan, inputs.x4, i)
+            x_i = x_block(plan, x4, i)
             mask = tile_mask(plan, inputs, i, j)
             logits, masked_logits = tile_logits(plan, inputs, x_i, w_j, j, mask)
             labels = take_block(inputs.labels, i, single_i)
             coefs = [take_block(t, i, single_i) for t in (lse, prob_coef, label_coef, smooth_coef)]
+            lse_i, prob_i, label_i, smooth_i = coefs
             du = tile_grad(
-                plan, logits, masked_logits, mask, *coefs, labels, tile_classes, tile_class_weights
+                plan,
+                logits,
+                masked_logits,
+                mask,
+                lse_i,
+                prob_i,
+                label_i,
+                smooth_i,
+                labels,
+                tile_classes,
+                tile_class_weights,
             )
             if dx4 is not None:
                 dx_i = jnp.dot(
@@ -107,6 +122,7 @@ def grad_pass(
                     old = lax.dynamic_slice_in_dim(dx4, i, 1, axis=1)
                     dx4 = lax.dynamic_update_slice_in_dim(dx4, old + dx_i, i, axis=1)
             if dw_j is not None:
+                assert xt4 is not None  # made whenever need_dw
                 xt_i = xt_block(plan, xt4, i).astype(plan.cdtype)
                 dw_j = dw_j + jnp.dot(
                     xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision
@@ -132,15 +148,17 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
     per-token loss and the gradient of ``sum(row_scale * loss)`` in the same visit."""
     assert plan.kv == 1
     single_i = plan.kn == 1
-    d = inputs.x4.shape[-1]
-    w_all = w_tile(plan, inputs.w4, 0)
+    x4, w4 = inputs.x4, inputs.w4
+    assert x4 is not None and w4 is not None  # _local._prepare sets both for every pass
+    d = x4.shape[-1]
+    w_all = w_tile(plan, w4, 0)
     w_all_compute = w_all.astype(plan.cdtype)
     classes = inputs.cls[0]
     class_weights = None if inputs.cw is None else inputs.cw[0]
-    dx4 = jnp.zeros(inputs.x4.shape, plan.cdtype) if need_dx else None
+    dx4 = jnp.zeros(x4.shape, plan.cdtype) if need_dx else None
     dw = jnp.zeros((d, plan.bv), plan.cdtype) if need_dw else None
     db = jnp.zeros((plan.bv,), plan.cdtype) if inputs.bias is not None else None
-    xt4 = xt_view(inputs.x4) if need_dw else None
+    xt4 = xt_view(x4) if need_dw else None
     shape = (plan.kn, plan.bn)
     out = (
         jnp.zeros(shape, plan.cdtype),  # loss
@@ -154,7 +172,7 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
 
     def token_step(i, carry):
         dx4, dw, db, out = carry
-        x_i = x_block(plan, inputs.x4, i)
+        x_i = x_block(plan, x4, i)
         mask = tile_mask(plan, inputs, i, 0)
         logits, masked_logits = tile_logits(plan, inputs, x_i, w_all, 0, mask)
         labels = take_block(inputs.labels, i, single_i)
@@ -200,6 +218,7 @@ def strip_pass(plan: Plan, inputs: BlockedInputs, row_scale, need_dx: bool, need
             dx_i = dx_i.reshape(plan.pn, 1, plan.bc, d)
             dx4 = dx_i if single_i else lax.dynamic_update_slice_in_dim(dx4, dx_i, i, axis=1)
         if dw is not None:
+            assert xt4 is not None  # made whenever need_dw
             xt_i = xt_block(plan, xt4, i).astype(plan.cdtype)
             dw = dw + jnp.dot(
                 xt_i, du, preferred_element_type=plan.cdtype, precision=plan.precision

@@ -22,8 +22,8 @@ from xent_jax._fused._blocks import Plan, take_block
 class BlockedInputs(NamedTuple):
     """Local arrays in block/tile layout (``None`` where an option is off)."""
 
-    x4: jax.Array  # [pn, kn, bc, D]
-    w4: jax.Array  # [D, pv, kv, tc]
+    x4: jax.Array | None  # [pn, kn, bc, D] (None from prepare_rows: logits given, no x)
+    w4: jax.Array | None  # [D, pv, kv, tc] (None from prepare_rows)
     labels: jax.Array  # [kn, bn] int32, clipped into [0, V_global)
     keep: jax.Array  # [kn, bn] bool: not masked by where, not ignored, in the padding
     invalid: jax.Array  # [kn, bn] bool: label out of range (and not ignored/masked)
@@ -194,7 +194,11 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
     row_ok = stats.m != -jnp.inf
     # log(1) on rows without an available class keeps log(0) and its NaN gradient out.
     lse = jnp.where(row_ok, _shift(stats.m) + jnp.log(jnp.where(row_ok, stats.s, 1)), 0)
-    one_minus = 1.0 - inputs.eps if plan.smoothing else 1.0
+    one_minus = 1.0
+    if plan.smoothing:
+        # The plan's switches and the inputs come from the same options: on means present.
+        assert inputs.eps is not None
+        one_minus = 1.0 - inputs.eps
     wy = inputs.wy if inputs.wy is not None else 1.0
     # lse - z_y as (max - z_y) + log(sum): the large terms cancel first, exactly (lse - z_y keeps
     # only lse's ulp: 7.6e-6 for a true 8.4e-6 at logits [90, 78, 77]).
@@ -212,6 +216,7 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
     label_coef = prob_coef
     smooth_coef = jnp.zeros_like(lse)
     if plan.smoothing:
+        assert inputs.eps is not None  # (as above)
         # At least 1 available class in the denominator: rows with none would divide by 0.
         k = jnp.maximum(stats.k, 1)
         smooth = (stats.sw * (lse - _shift(stats.m)) - stats.swz) / k
@@ -219,6 +224,7 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
         smooth_coef = inputs.eps / k
         prob_coef = prob_coef + smooth_coef * stats.sw
     if plan.has_z_loss:
+        assert inputs.z_loss is not None  # (as above)
         loss = loss + inputs.z_loss * jnp.square(lse)
         prob_coef = prob_coef + 2.0 * inputs.z_loss * lse
     valid = inputs.keep & row_ok
@@ -238,8 +244,12 @@ def finish_rows(plan: Plan, inputs: BlockedInputs, stats: Stats) -> _Rows:
 
 def grad_coefficients(rows: _Rows) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The three VJP coefficients of ``rows``, zero for tokens that receive no gradient."""
-    coefs = (rows.prob_coef, rows.label_coef, rows.smooth_coef)
-    return tuple(jnp.where(rows.grad_ok, coef, 0) for coef in coefs)
+    ok = rows.grad_ok
+    return (
+        jnp.where(ok, rows.prob_coef, 0),
+        jnp.where(ok, rows.label_coef, 0),
+        jnp.where(ok, rows.smooth_coef, 0),
+    )
 
 
 def tile_grad(
