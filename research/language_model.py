@@ -343,7 +343,10 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     tokenizer = main_process_first(load_tokenizer)
     streams = {s: lmdata.encode(tokenizer, corpus.texts[s]) for s in lmdata.SPLITS}
 
-    mesh = make_mesh(config.mesh.data, config.mesh.model)
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.model)
+    except ValueError as error:
+        raise ConfigError(f"bad value for 'config.mesh': {error}") from None
     check_mesh_divides(config, mesh)
     lm = LM(config, config.tokenizer.vocab_size, mesh)
     state = lm.init_state()

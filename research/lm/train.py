@@ -347,7 +347,7 @@ def train_loop(
     last = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
     pending: list[tuple[int, dict, int, float]] = []
     tokens, clock = 0, time.perf_counter()
-    mark = (clock, 0)
+    mark = clock  # when the losses were last read: tokens/s over the steps since
     with progress(max(last - start_step, 0), "language_model") as bar:
 
         def flush() -> None:
@@ -365,8 +365,8 @@ def train_loop(
             if pending:
                 now = time.perf_counter()
                 done = sum(p[2] for p in pending)
-                rate = done / max(now - mark[0], 1e-9)
-                mark = (now, 0)
+                rate = done / max(now - mark, 1e-9)
+                mark = now
                 bar.set_postfix(loss=f"{float(pending[-1][1]['loss']):.3f}", tok_s=f"{rate:.0f}")
             pending.clear()
 
@@ -378,7 +378,7 @@ def train_loop(
             tokens += ntok
             pending.append((step, metrics, ntok, float(lm.schedule(step - 1))))
             bar.update(1)
-            save = step % ck.every == 0 or step == last or stop.requested
+            save = step % ck.every == 0 or step == last
             if save or step % c.log_every == 0:
                 flush()
             if save:
@@ -389,7 +389,11 @@ def train_loop(
             if dbg.fail_after_step and step == dbg.fail_after_step:
                 flush()
                 raise InjectedFailure(f"debug.fail_after_step={step}: crashing on purpose")
+            # Read once, here: a SIGTERM at any point of this step is honoured after its save.
             if stop.requested:
+                flush()
+                if not save:
+                    checkpoints.save(step, state, batches.state())
                 log(kind="preempted", step=step)
                 return LoopResult(state, step, "preempted", tokens, time.perf_counter() - clock)
         flush()
