@@ -195,7 +195,6 @@ _LOSSES = (
             "block_size_vocab",
             "normalizer",
             "shift",
-            "gradient_filter",
         },
         traceable=frozenset({"label_smoothing", "z_loss"}),
         softmax=True,
